@@ -1,0 +1,69 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from temporalio.client import Client
+
+from api.errors import ApiError, install_error_handlers
+from api.routes import admin, pages, video_orders, webhooks
+from workers.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+# A request that finds Temporal unreachable fails fast with 503 rather than hanging.
+CONNECT_TIMEOUT_SECONDS = 5.0
+
+
+def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
+    """Builds the app; without a client it connects to Temporal when first needed.
+
+    The API starts and answers even while Temporal is down: requests that need it get a
+    503 (so Stripe redelivers webhooks) and the next one tries to connect again.
+    """
+    lock = asyncio.Lock()
+
+    async def connect_temporal() -> Client:
+        async with lock:
+            if app.state.temporal is None:
+                try:
+                    app.state.temporal = await asyncio.wait_for(
+                        Client.connect(
+                            settings.temporal_address, namespace=settings.temporal_namespace
+                        ),
+                        CONNECT_TIMEOUT_SECONDS,
+                    )
+                except (RuntimeError, TimeoutError) as err:
+                    log.warning("temporal at %s unreachable: %s", settings.temporal_address, err)
+                    raise ApiError(
+                        503, "temporal_unavailable", "order service unreachable; retry shortly"
+                    ) from err
+            return app.state.temporal
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        with contextlib.suppress(ApiError):
+            await connect_temporal()
+        yield
+
+    app = FastAPI(title="orderflow", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.temporal = temporal
+    app.state.connect_temporal = connect_temporal
+    install_error_handlers(app)
+    for router in (video_orders.router, webhooks.router, admin.router, pages.router):
+        app.include_router(router)
+    pages.mount_static(app)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, bool]:
+        return {"ok": True}
+
+    return app

@@ -1,0 +1,219 @@
+"""Video orders as the API sees them: starting one, reading its view, finding it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+import secrets
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from temporalio.api.enums.v1 import PendingActivityState
+from temporalio.client import (
+    Client,
+    WithStartWorkflowOperation,
+    WorkflowUpdateFailedError,
+)
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+)
+from temporalio.service import RPCError, RPCStatusCode
+
+from api.errors import ApiError
+from workers.settings import Settings
+from workflows import search_attributes as sa
+from workflows.video_order import (
+    FINAL_STATUSES,
+    ORDER_KIND,
+    CheckoutInfo,
+    OrderView,
+    VideoOrderInput,
+    VideoOrderWorkflow,
+    workflow_id,
+)
+
+ORDER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+SESSION_ID_RE = re.compile(r"^cs_[A-Za-z0-9_]{1,250}$")
+_EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{2,63}$")
+_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./:-]{0,99}$")
+# Bounds how long POST /api/video-orders waits for Stripe before telling the client to retry.
+CHECKOUT_WAIT_SECONDS = 20.0
+
+
+class VideoOrderCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    prompt: str = Field(min_length=1, max_length=2000)
+    videos: int = Field(ge=1)
+    aspect_ratio: Literal["16:9", "9:16", "1:1"] = "16:9"
+    model: str | None = None
+    email: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str | None) -> str | None:
+        if v and not _MODEL_RE.match(v):
+            raise ValueError("model must be a generation config name such as google-cloud/veo3")
+        return v or None
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, v: str | None) -> str | None:
+        if v and not _EMAIL_RE.match(v):
+            raise ValueError("not a valid email address")
+        return v or None
+
+
+def check_order_id(order_id: str) -> str:
+    if not ORDER_ID_RE.match(order_id):
+        raise ApiError(404, "order_not_found", "no order with that id")
+    return order_id
+
+
+def order_page_url(settings: Settings, order_id: str) -> str:
+    return f"{settings.public_url.rstrip('/')}/orders/{order_id}"
+
+
+def new_order(settings: Settings, body: VideoOrderCreate) -> VideoOrderInput:
+    if body.videos > settings.max_videos_per_order:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"videos: at most {settings.max_videos_per_order} videos per order",
+        )
+    order_id = secrets.token_urlsafe(16)  # 128 random bits: the order's only credential
+    page = order_page_url(settings, order_id)
+    return VideoOrderInput(
+        order_id=order_id,
+        prompt=body.prompt,
+        videos=body.videos,
+        aspect_ratio=body.aspect_ratio,
+        unit_amount=settings.video_price,
+        currency=settings.video_currency,
+        success_url=f"{page}?session_id={{CHECKOUT_SESSION_ID}}",
+        cancel_url=f"{page}?cancelled=1",
+        generation_config_name=body.model or settings.video_generation_config,
+        duration=settings.video_duration,
+        checkout_expires_seconds=settings.checkout_expires_seconds,
+        generation_timeout_seconds=settings.generation_timeout_seconds,
+        generation_poll_seconds=settings.generation_poll_seconds,
+        generation_poll_window_seconds=settings.generation_poll_window_seconds,
+        late_payment_window_seconds=settings.late_payment_window_seconds,
+        email=body.email,
+    )
+
+
+async def start_order(client: Client, settings: Settings, order: VideoOrderInput) -> CheckoutInfo:
+    start = WithStartWorkflowOperation(
+        VideoOrderWorkflow.run,
+        order,
+        id=workflow_id(order.order_id),
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        task_queue=settings.task_queue,
+        search_attributes=TypedSearchAttributes(
+            [
+                SearchAttributePair(sa.ORDER_KIND, ORDER_KIND),
+                SearchAttributePair(sa.ORDER_STATUS, "awaiting_payment"),
+            ]
+        ),
+    )
+    try:
+        return await asyncio.wait_for(
+            client.execute_update_with_start_workflow(
+                VideoOrderWorkflow.checkout, start_workflow_operation=start
+            ),
+            CHECKOUT_WAIT_SECONDS,
+        )
+    except WorkflowUpdateFailedError as err:
+        raise ApiError(502, "checkout_failed", str(err.cause or err)) from err
+    except TimeoutError as err:
+        raise ApiError(503, "checkout_unavailable", "payment provider is slow; retry") from err
+    except RPCError as err:
+        raise unavailable(err) from err
+
+
+def unavailable(err: RPCError) -> ApiError:
+    return ApiError(503, "temporal_unavailable", f"order service unreachable: {err.message}")
+
+
+async def read_order(client: Client, order_id: str) -> dict[str, Any]:
+    """The order's view, with live generation progress from the running activities.
+
+    Progress is heartbeated by the activities rather than signalled, so that polling adds
+    nothing to the workflow's history; describe() exposes those heartbeats.
+    """
+    handle = client.get_workflow_handle(workflow_id(check_order_id(order_id)))
+    try:
+        view: OrderView = await handle.query(VideoOrderWorkflow.view)
+    except RPCError as err:
+        if err.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
+            raise ApiError(404, "order_not_found", "no order with that id") from err
+        raise unavailable(err) from err
+    data = order_json(view)
+    if view.status == "generating":
+        await _merge_progress(client, handle, data)
+    return data
+
+
+async def _merge_progress(client: Client, handle: Any, data: dict[str, Any]) -> None:
+    try:
+        desc = await handle.describe()
+    except RPCError:
+        return  # progress is a nicety; the view itself is already correct
+    videos = {f"video-{v['index']}": v for v in data["videos"]}
+    for pending in desc.raw_description.pending_activities:
+        video = videos.get(pending.activity_id)
+        if video is None or video["status"] != "generating":
+            continue
+        if pending.state == PendingActivityState.PENDING_ACTIVITY_STATE_SCHEDULED:
+            video["retrying"] = pending.attempt > 1
+        if not pending.heartbeat_details.payloads:
+            continue
+        details = await client.data_converter.decode(pending.heartbeat_details.payloads)
+        last = details[-1] if details else None
+        if isinstance(last, dict):
+            video["file_id"] = last.get("file_id") or video["file_id"]
+            video["progress"] = int(last.get("progress") or 0)
+
+
+def order_json(view: OrderView) -> dict[str, Any]:
+    data = dataclasses.asdict(view)
+    data["final"] = view.status in FINAL_STATUSES
+    if view.status != "awaiting_payment":
+        data["checkout_url"] = None
+    return data
+
+
+async def find_order_by_session(client: Client, session_id: str) -> str | None:
+    if not SESSION_ID_RE.match(session_id):
+        return None
+    query = f"{sa.CHECKOUT_SESSION_ID.name} = '{session_id}'"
+    try:
+        async for wf in client.list_workflows(query, limit=1):
+            return wf.id.removeprefix(workflow_id(""))
+    except RPCError as err:
+        raise unavailable(err) from err
+    return None
+
+
+async def list_recent_orders(client: Client, limit: int) -> list[dict[str, Any]]:
+    query = f"{sa.ORDER_KIND.name} = '{ORDER_KIND}'"
+    try:
+        ids = [wf.id async for wf in client.list_workflows(query, limit=limit)]
+    except RPCError as err:
+        raise unavailable(err) from err
+    # Closed orders answer queries by replay on a worker: bound how many run at once.
+    gate = asyncio.Semaphore(8)
+
+    async def one(wid: str) -> dict[str, Any] | None:
+        async with gate:
+            try:
+                return await read_order(client, wid.removeprefix(workflow_id("")))
+            except ApiError:
+                return None
+
+    views = await asyncio.gather(*(one(wid) for wid in ids))
+    return [v for v in views if v is not None]

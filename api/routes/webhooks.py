@@ -1,0 +1,102 @@
+"""Stripe webhooks: verify, match the order, signal its workflow. Nothing else."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import stripe
+from fastapi import APIRouter, Request
+from temporalio.service import RPCError, RPCStatusCode
+
+from api import orders
+from api.deps import SettingsDep, TemporalClientDep
+from api.errors import ApiError
+from workflows.video_order import StripeEvent, VideoOrderWorkflow, workflow_id
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+
+# Stripe's own default: older signatures are treated as replays.
+SIGNATURE_TOLERANCE_SECONDS = stripe.Webhook.DEFAULT_TOLERANCE
+
+CHECKOUT_EVENTS = frozenset(
+    {
+        "checkout.session.completed",
+        "checkout.session.async_payment_succeeded",
+        "checkout.session.async_payment_failed",
+        "checkout.session.expired",
+    }
+)
+
+
+def verify(body: bytes, header: str | None, secret: str) -> dict[str, Any]:
+    if not header:
+        raise ApiError(400, "missing_signature", "Stripe-Signature header is required")
+    try:
+        stripe.WebhookSignature.verify_header(
+            body.decode("utf-8"), header, secret, tolerance=SIGNATURE_TOLERANCE_SECONDS
+        )
+        event = json.loads(body)
+    except stripe.SignatureVerificationError as err:
+        raise ApiError(400, "invalid_signature", str(err.user_message or err)) from err
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ApiError(400, "invalid_payload", "body is not a JSON event") from err
+    if not isinstance(event, dict) or not isinstance(event.get("id"), str):
+        raise ApiError(400, "invalid_payload", "body is not a Stripe event")
+    return event
+
+
+@router.post("/stripe")
+async def stripe_webhook(
+    request: Request, settings: SettingsDep, temporal: TemporalClientDep
+) -> dict[str, Any]:
+    # The signature is checked over the raw bytes before anything is parsed or looked up.
+    header = request.headers.get("stripe-signature")
+    event = verify(await request.body(), header, settings.webhook_secret)
+    if event.get("type") not in CHECKOUT_EVENTS:
+        return {"received": True, "handled": False}
+    session = (event.get("data") or {}).get("object") or {}
+    session_id = session.get("id")
+    if not isinstance(session_id, str):
+        raise ApiError(400, "invalid_payload", "checkout event without a session id")
+
+    order_id = await _order_for(temporal, session)
+    if order_id is None:
+        log.info("stripe event %s: session %s belongs to no order", event["id"], session_id)
+        return {"received": True, "handled": False}
+
+    signal = StripeEvent(
+        event_id=event["id"],
+        type=event["type"],
+        session_id=session_id,
+        payment_status=session.get("payment_status"),
+        payment_intent=_id_of(session.get("payment_intent")),
+        amount_total=session.get("amount_total"),
+    )
+    handle = temporal.get_workflow_handle(workflow_id(order_id))
+    try:
+        await handle.signal(VideoOrderWorkflow.stripe_event, signal)
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            # The order has finished and its workflow closed; nothing is left to act on.
+            log.warning("stripe event %s for closed order %s", event["id"], order_id)
+            return {"received": True, "handled": False}
+        # Anything else is ours to fix: a 5xx makes Stripe deliver the event again.
+        raise orders.unavailable(err) from err
+    return {"received": True, "handled": True}
+
+
+async def _order_for(temporal: Any, session: dict[str, Any]) -> str | None:
+    metadata = session.get("metadata") or {}
+    for candidate in (metadata.get("order_id"), session.get("client_reference_id")):
+        if isinstance(candidate, str) and orders.ORDER_ID_RE.match(candidate):
+            return candidate
+    return await orders.find_order_by_session(temporal, session["id"])
+
+
+def _id_of(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("id")
+    return value if isinstance(value, str) else None

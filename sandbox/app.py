@@ -1,0 +1,36 @@
+"""The sandbox app: Stripe under /stripe, SuperDuperAI under /superduperai, on one server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from sandbox import stripe_api, stripe_checkout, superduperai
+from sandbox.config import SandboxConfig
+from sandbox.stripe_core import StripeSandbox
+
+__all__ = ["SandboxConfig", "create_app"]
+
+
+def create_app(config: SandboxConfig) -> FastAPI:
+    """An app over the state in `config.data_dir`, loaded now and saved on every change."""
+    stripe = StripeSandbox(config)
+    videos = superduperai.SuperDuperAISandbox(config)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        async with stripe.running():
+            yield
+
+    app = FastAPI(title="orderflow sandbox", lifespan=lifespan)
+    app.include_router(stripe_api.create_router(stripe, config.stripe_api_key))
+    app.include_router(stripe_checkout.create_router(stripe))
+    app.include_router(superduperai.create_router(videos, config.superduperai_token))
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app

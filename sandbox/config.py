@@ -1,0 +1,29 @@
+"""Settings of one sandbox instance; `python -m sandbox` fills them from `workers.settings`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    data_dir: Path
+    # The sandbox's own external base URL: hosted checkout pages and media URLs point here.
+    public_url: str
+    # Where Stripe events are POSTed; None keeps events retrievable but undelivered.
+    webhook_url: str | None
+    webhook_secret: str
+    stripe_api_key: str
+    superduperai_token: str
+    # How long a SuperDuperAI generation takes, from request to finished video.
+    video_seconds: float
+    # First webhook retry delay; later ones double, capped at a minute.
+    webhook_retry_seconds: float = 1.0
+    # How long a "bank transfer" takes to settle after the customer submits it.
+    async_payment_seconds: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.video_seconds <= 0:
+            raise ValueError("video_seconds must be positive")
+        object.__setattr__(self, "public_url", self.public_url.rstrip("/"))

@@ -1,0 +1,161 @@
+"""SuperDuperAI's video generation API: start a generation, then poll the file until it is done.
+
+A generation's progress is a pure function of the wall-clock time since it started, so it
+needs no background work and simply carries on across sandbox restarts. Prompts steer the
+outcome for tests: `#fail` fails the task halfway, `#stall` never finishes.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header, HTTPException
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from sandbox.config import SandboxConfig
+from sandbox.store import JsonStore
+
+ASSETS = Path(__file__).parent / "assets"
+# Fractions of video_seconds: queued before it starts, failing at half-way.
+PENDING_FRACTION = 0.1
+FAIL_FRACTION = 0.5
+STALL_PROGRESS = 90
+
+
+class VideoConfig(BaseModel):
+    # The real API takes many more generation options; pass them through unchecked.
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = Field(min_length=1)
+    aspect_ratio: Literal["16:9", "9:16", "1:1"] = "16:9"
+    duration: int = Field(default=5, gt=0)
+    generation_config_name: str | None = None
+    seed: int | None = None
+    negative_prompt: str | None = None
+
+
+class GenerateVideo(BaseModel):
+    config: VideoConfig
+
+
+class SuperDuperAISandbox:
+    def __init__(self, config: SandboxConfig) -> None:
+        self._public_url = config.public_url
+        self._seconds = config.video_seconds
+        self._store = JsonStore(config.data_dir / "superduperai.json")
+        self._files = self._store.collection("files")
+        self._idempotency_keys = self._store.collection("idempotency_keys")
+
+    def generate(self, config: VideoConfig, idempotency_key: str | None) -> dict[str, Any]:
+        # A sandbox courtesy, not a documented feature of the real API: a repeated
+        # Idempotency-Key returns the first file. Clients must not rely on it.
+        if idempotency_key is not None and idempotency_key in self._idempotency_keys:
+            return self.view(self._idempotency_keys[idempotency_key])
+        now = time.time()
+        file_id = str(uuid.uuid4())
+        self._files[file_id] = {
+            "id": file_id,
+            "config": config.model_dump(),
+            "created_at": datetime.fromtimestamp(now, UTC).isoformat(),
+            "started_at": now,
+            "task_id": str(uuid.uuid4()),
+        }
+        if idempotency_key is not None:
+            self._idempotency_keys[idempotency_key] = file_id
+        self._store.save()
+        return self.view(file_id)
+
+    def view(self, file_id: str) -> dict[str, Any]:
+        """The file as the API shows it now; raises KeyError for an unknown id."""
+        record = self._files[file_id]
+        status, progress, error = self._task_state(record)
+        done = status == "completed"
+        media = f"{self._public_url}/superduperai/media/{file_id}"
+        return {
+            "id": file_id,
+            "url": f"{media}.mp4" if done else None,
+            "thumbnail_url": f"{media}.jpg" if done else None,
+            "type": "video",
+            "config": record["config"],
+            "tasks": [
+                {
+                    "id": record["task_id"],
+                    "type": "video-generation",
+                    "status": status,
+                    "progress": progress,
+                    "error": error,
+                }
+            ],
+            "created_at": record["created_at"],
+        }
+
+    def is_ready(self, file_id: str) -> bool:
+        return file_id in self._files and self._task_state(self._files[file_id])[0] == "completed"
+
+    def _task_state(self, record: dict[str, Any]) -> tuple[str, int, str | None]:
+        elapsed = time.time() - record["started_at"]
+        prompt = record["config"]["prompt"]
+        pending = PENDING_FRACTION * self._seconds
+
+        def progress_at(seconds: float) -> int:
+            return int(100 * (seconds - pending) / (self._seconds - pending))
+
+        if elapsed < pending:
+            return "pending", 0, None
+        if "#fail" in prompt and elapsed >= FAIL_FRACTION * self._seconds:
+            error = "Video generation failed (sandbox: the prompt contains #fail)."
+            return "failed", progress_at(FAIL_FRACTION * self._seconds), error
+        if "#stall" in prompt:
+            return "in_progress", min(progress_at(elapsed), STALL_PROGRESS), None
+        if elapsed >= self._seconds:
+            return "completed", 100, None
+        return "in_progress", progress_at(elapsed), None
+
+
+def create_router(videos: SuperDuperAISandbox, token: str) -> APIRouter:
+    def authenticate(authorization: Annotated[str | None, Header()] = None) -> None:
+        expected = f"Bearer {token}".encode()
+        if authorization is None or not secrets.compare_digest(authorization.encode(), expected):
+            raise HTTPException(401, "Invalid or missing token")
+
+    api = APIRouter(prefix="/api/v1", dependencies=[Depends(authenticate)])
+
+    @api.post("/file/generate-video")
+    async def generate_video(
+        body: GenerateVideo, idempotency_key: Annotated[str | None, Header()] = None
+    ) -> dict[str, Any]:
+        return videos.generate(body.config, idempotency_key)
+
+    @api.get("/file/{file_id}")
+    async def get_file(file_id: str) -> dict[str, Any]:
+        try:
+            return videos.view(file_id)
+        except KeyError:
+            raise HTTPException(404, "File not found") from None
+
+    # Media URLs go straight into <video> and <img> tags, which send no Authorization header.
+    media = APIRouter(prefix="/media")
+
+    def asset(file_id: str, name: str, media_type: str) -> FileResponse:
+        if not videos.is_ready(file_id):
+            raise HTTPException(404, "Not found")
+        return FileResponse(ASSETS / name, media_type=media_type)
+
+    @media.get("/{file_id}.mp4")
+    async def video(file_id: str) -> FileResponse:
+        return asset(file_id, "sample.mp4", "video/mp4")
+
+    @media.get("/{file_id}.jpg")
+    async def thumbnail(file_id: str) -> FileResponse:
+        return asset(file_id, "sample.jpg", "image/jpeg")
+
+    router = APIRouter(prefix="/superduperai", tags=["superduperai"])
+    router.include_router(api)
+    router.include_router(media)
+    return router

@@ -1,0 +1,57 @@
+"""Input validation: a bad request is a clear 4xx and starts nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import Stack
+
+
+async def _workflows_on_queue(stack: Stack) -> int:
+    query = f"TaskQueue = '{stack.settings.task_queue}'"
+    return len([wf async for wf in stack.client.list_workflows(query)])
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"videos": 1}, "prompt"),
+        ({"prompt": "", "videos": 1}, "prompt"),
+        ({"prompt": "   ", "videos": 1}, "prompt"),
+        ({"prompt": "x" * 2001, "videos": 1}, "prompt"),
+        ({"prompt": "ok", "videos": 0}, "videos"),
+        ({"prompt": "ok", "videos": 5}, "videos"),
+        ({"prompt": "ok", "videos": "two"}, "videos"),
+        ({"prompt": "ok", "videos": 1, "aspect_ratio": "4:3"}, "aspect_ratio"),
+        ({"prompt": "ok", "videos": 1, "email": "not-an-email"}, "email"),
+        ({"prompt": "ok", "videos": 1, "model": "bad model; drop"}, "model"),
+        ({"prompt": "ok", "videos": 1, "price": 1}, "price"),
+    ],
+)
+async def test_invalid_order_is_422_and_starts_no_workflow(
+    stack: Stack, body: dict, field: str
+) -> None:
+    before = await _workflows_on_queue(stack)
+    resp = await stack.http.post("/api/video-orders", json=body)
+    assert resp.status_code == 422
+    data = resp.json()
+    assert set(data) == {"error", "detail"}
+    assert data["error"] == "invalid_request"
+    assert field in data["detail"]
+    assert await _workflows_on_queue(stack) == before
+
+
+async def test_malformed_json_is_422(stack: Stack) -> None:
+    resp = await stack.http.post(
+        "/api/video-orders", content=b"{nope", headers={"Content-Type": "application/json"}
+    )
+    assert resp.status_code == 422
+    assert resp.json()["error"] == "invalid_request"
+
+
+async def test_price_comes_from_settings_not_the_client(stack: Stack) -> None:
+    order = await stack.create_order(videos=4, prompt="  four foxes  ")
+    view = await stack.order(order["order_id"])
+    assert view["amount_total"] == 4 * stack.settings.video_price
+    assert view["prompt"] == "four foxes"
+    assert len(order["order_id"]) >= 22  # 128 random bits, url-safe

@@ -1,0 +1,93 @@
+"""The Temporal worker: `python -m workers.worker`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+import httpx
+import stripe
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.payments import StripeActivities
+from activities.postgres import OrderStore
+from activities.superduperai import SuperDuperAIActivities
+from workers.settings import Settings
+from workflows.video_order import VideoOrderWorkflow
+
+WORKFLOWS = [VideoOrderWorkflow]
+
+
+@asynccontextmanager
+async def activities(settings: Settings) -> AsyncIterator[list]:
+    """The activities, bound to objects that hold the production client of their system."""
+    if not settings.database_url:
+        raise SystemExit("DATABASE_URL is not set (`make dev` provides one)")
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=5)
+    http = httpx.AsyncClient(
+        base_url=settings.superduperai_base,
+        headers={"Authorization": f"Bearer {settings.superduperai_key}"},
+        timeout=httpx.Timeout(20.0, connect=5.0),
+    )
+    stripe_http = stripe.HTTPXClient()
+    stripe_client = stripe.StripeClient(
+        settings.stripe_key,
+        base_addresses={"api": settings.stripe_base},
+        http_client=stripe_http,
+        # Temporal owns retries; one quick network retry hides a dropped connection.
+        max_network_retries=1,
+    )
+    payments = StripeActivities(stripe_client)
+    store = OrderStore(pool)
+    try:
+        yield [
+            payments.create_checkout_session,
+            payments.settle_checkout_session,
+            payments.refund,
+            SuperDuperAIActivities(http).generate_video,
+            store.record_notification,
+        ]
+    finally:
+        await http.aclose()
+        await stripe_http.close_async()
+        await pool.close()
+
+
+def build_worker(client: Client, settings: Settings, bound: list) -> Worker:
+    return Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=WORKFLOWS,
+        activities=bound,
+        # Generations are long polls that mostly sleep; let many run side by side.
+        max_concurrent_activities=200,
+    )
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
+    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    async with activities(settings) as bound, build_worker(client, settings, bound):
+        await stop.wait()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    settings = Settings()
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_worker(settings, stop)
+
+    asyncio.run(_main())
+
+
+if __name__ == "__main__":
+    main()
