@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import re
 import secrets
+from datetime import timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -39,6 +40,8 @@ ORDER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 SESSION_ID_RE = re.compile(r"^cs_[A-Za-z0-9_]{1,250}$")
 _EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{2,63}$")
 _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./:-]{0,99}$")
+# A query needs a worker; without one, answer soon instead of holding the request.
+QUERY_TIMEOUT = timedelta(seconds=5)
 # Bounds how long POST /api/video-orders waits for Stripe before telling the client to retry.
 CHECKOUT_WAIT_SECONDS = 20.0
 
@@ -147,10 +150,15 @@ async def read_order(client: Client, order_id: str) -> dict[str, Any]:
     """
     handle = client.get_workflow_handle(workflow_id(check_order_id(order_id)))
     try:
-        view: OrderView = await handle.query(VideoOrderWorkflow.view)
+        view: OrderView = await handle.query(VideoOrderWorkflow.view, rpc_timeout=QUERY_TIMEOUT)
     except RPCError as err:
         if err.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
             raise ApiError(404, "order_not_found", "no order with that id") from err
+        if err.status in (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED):
+            # The order is safe in Temporal, but no worker is answering for it right now.
+            raise ApiError(
+                503, "order_unavailable", "the order is safe but cannot be read now; retry"
+            ) from err
         raise unavailable(err) from err
     data = order_json(view)
     if view.status == "generating":

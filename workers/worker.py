@@ -7,6 +7,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 import asyncpg
 import httpx
@@ -66,6 +67,10 @@ def build_worker(client: Client, settings: Settings, bound: list) -> Worker:
         activities=bound,
         # Generations are long polls that mostly sleep; let many run side by side.
         max_concurrent_activities=200,
+        # The order page reads progress from heartbeats; by default the SDK would hold them
+        # back for most of the heartbeat timeout.
+        max_heartbeat_throttle_interval=timedelta(seconds=1),
+        default_heartbeat_throttle_interval=timedelta(seconds=1),
     )
 
 
