@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 # A request that finds Temporal unreachable fails fast with 503 rather than hanging.
 CONNECT_TIMEOUT_SECONDS = 5.0
+# About a day of events at a busy shop; each id costs well under 200 bytes.
+ACKNOWLEDGED_EVENTS_KEPT = 50_000
 
 
 def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
@@ -57,6 +59,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.temporal = temporal
     app.state.connect_temporal = connect_temporal
+    app.state.acknowledged_events = webhooks.RecentIds(ACKNOWLEDGED_EVENTS_KEPT)
     install_error_handlers(app)
     for router in (video_orders.router, webhooks.router, admin.router, pages.router):
         app.include_router(router)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 from typing import Any
 
 import stripe
@@ -29,6 +30,28 @@ CHECKOUT_EVENTS = frozenset(
         "checkout.session.expired",
     }
 )
+
+
+class RecentIds:
+    """Event ids this process has already handed to Temporal, newest last, bounded.
+
+    Stripe redelivers an event whenever it is unsure we got it. A redelivery found here is
+    answered without a round trip to Temporal; one that is not (another API process, a
+    restart) is signalled again and the workflow drops it by id. So this is only a fast
+    path, never the thing that makes an event act once.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def __contains__(self, event_id: str) -> bool:
+        return event_id in self._ids
+
+    def add(self, event_id: str) -> None:
+        self._ids[event_id] = None
+        if len(self._ids) > self._size:
+            self._ids.popitem(last=False)
 
 
 def verify(body: bytes, header: str | None, secret: str) -> dict[str, Any]:
@@ -57,6 +80,9 @@ async def stripe_webhook(
     event = verify(await request.body(), header, settings.webhook_secret)
     if event.get("type") not in CHECKOUT_EVENTS:
         return {"received": True, "handled": False}
+    acknowledged: RecentIds = request.app.state.acknowledged_events
+    if event["id"] in acknowledged:
+        return {"received": True, "handled": True, "duplicate": True}
     session = (event.get("data") or {}).get("object") or {}
     session_id = session.get("id")
     if not isinstance(session_id, str):
@@ -81,10 +107,11 @@ async def stripe_webhook(
     except RPCError as err:
         if err.status == RPCStatusCode.NOT_FOUND:
             # The order has finished and its workflow closed; nothing is left to act on.
-            log.warning("stripe event %s for closed order %s", event["id"], order_id)
+            log.info("stripe event %s for closed order %s", event["id"], order_id)
             return {"received": True, "handled": False}
         # Anything else is ours to fix: a 5xx makes Stripe deliver the event again.
         raise orders.unavailable(err) from err
+    acknowledged.add(event["id"])
     return {"received": True, "handled": True}
 
 
