@@ -2,7 +2,9 @@
 
 A generation's progress is a pure function of the wall-clock time since it started, so it
 needs no background work and simply carries on across sandbox restarts. Prompts steer the
-outcome for tests: `#fail` fails the task halfway, `#stall` never finishes.
+outcome for tests: `#fail` fails the task halfway, `#flaky` fails every second generation
+asked for with the same prompt (so an order of several videos gets some of each),
+`#stall` never finishes.
 """
 
 from __future__ import annotations
@@ -59,8 +61,11 @@ class SuperDuperAISandbox:
             return self.view(self._idempotency_keys[idempotency_key])
         now = time.time()
         file_id = str(uuid.uuid4())
+        earlier = sum(1 for f in self._files.values() if f["config"]["prompt"] == config.prompt)
+        fails = "#fail" in config.prompt or ("#flaky" in config.prompt and earlier % 2 == 1)
         self._files[file_id] = {
             "id": file_id,
+            "fails": fails,
             "config": config.model_dump(),
             "created_at": datetime.fromtimestamp(now, UTC).isoformat(),
             "started_at": now,
@@ -108,8 +113,8 @@ class SuperDuperAISandbox:
 
         if elapsed < pending:
             return "pending", 0, None
-        if "#fail" in prompt and elapsed >= FAIL_FRACTION * self._seconds:
-            error = "Video generation failed (sandbox: the prompt contains #fail)."
+        if record.get("fails") and elapsed >= FAIL_FRACTION * self._seconds:
+            error = "Video generation failed (sandbox: the prompt asked for a failure)."
             return "failed", progress_at(FAIL_FRACTION * self._seconds), error
         if "#stall" in prompt:
             return "in_progress", min(progress_at(elapsed), STALL_PROGRESS), None

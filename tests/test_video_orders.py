@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 
 import httpx
 from temporalio.api.enums.v1 import EventType
@@ -82,6 +83,20 @@ async def test_failed_videos_are_refunded_through_stripe(stack: Stack) -> None:
     assert all(v["refunded_amount"] == stack.settings.video_price for v in done["videos"])
     refunds = await stack.refunds(done["payment_intent"])
     assert sorted(r.amount for r in refunds) == [stack.settings.video_price] * 2
+
+
+async def test_one_failed_video_of_two_refunds_its_share(stack: Stack) -> None:
+    order = await _paid_order(stack, prompt=f"two kites {uuid.uuid4().hex} #flaky", videos=2)
+    done = await stack.wait_for(order["order_id"])
+    assert done["status"] == "partially_refunded"
+    assert sorted(v["status"] for v in done["videos"]) == ["completed", "failed"]
+    [ok] = [v for v in done["videos"] if v["status"] == "completed"]
+    [bad] = [v for v in done["videos"] if v["status"] == "failed"]
+    assert ok["url"] and ok["refunded_amount"] == 0
+    assert bad["url"] is None and bad["refunded_amount"] == stack.settings.video_price
+    assert done["refunded_amount"] == stack.settings.video_price
+    refunds = await stack.refunds(done["payment_intent"])
+    assert [r.amount for r in refunds] == [stack.settings.video_price]
 
 
 async def test_duplicate_and_concurrent_webhooks_act_once(stack: Stack) -> None:

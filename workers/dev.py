@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -142,6 +143,7 @@ class DevStack:
         else:
             self.temporal_address = settings.temporal_address
         self.database_url = settings.database_url or ""
+        self.admin_token = settings.admin_token or self._local_admin_token()
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -374,11 +376,24 @@ class DevStack:
             f"log: {self._rel(child.log_path)}" + (f"\n{shown}" if shown else "")
         )
 
+    def _local_admin_token(self) -> str:
+        # The admin pages are off without a token; a local stack gets one of its own,
+        # kept under the data dir so a restart does not log the operator out.
+        path = self.data_dir / "admin_token"
+        if path.exists():
+            return path.read_text().strip()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_urlsafe(24)
+        path.write_text(token + "\n")
+        path.chmod(0o600)
+        return token
+
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             TEMPORAL_ADDRESS=self.temporal_address,
             DATABASE_URL=self.database_url,
+            ADMIN_TOKEN=self.admin_token,
             DATA_DIR=str(self.data_dir),
             # Child output is piped, which would otherwise make Python block-buffer it.
             PYTHONUNBUFFERED="1",
@@ -424,7 +439,10 @@ class DevStack:
         return f"http://{_probe_host(self.settings.api_host)}:{self.settings.api_port}"
 
     def _print_banner(self) -> None:
-        rows = [("App", self._api_url())]
+        rows = [
+            ("App", self._api_url()),
+            ("Admin", f"{self._api_url()}/admin (token {self.admin_token})"),
+        ]
         if self.own_temporal:
             rows.append(("Temporal UI", f"http://127.0.0.1:{self.args.ui_port}"))
         rows += [

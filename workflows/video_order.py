@@ -141,7 +141,6 @@ class VideoOrderWorkflow:
         self._seen_events: set[str] = set()
         self._payment: StripeEvent | None = None
         self._payment_failed = False
-        self._checkout_completed = False
         self._expiry_reported = False
         # The API starts orders with OrderKind set, which proves the namespace defines the
         # order attributes; an order started without it (an operator's manual start on a
@@ -178,11 +177,11 @@ class VideoOrderWorkflow:
                 "ignoring event %s for session %s", event.event_id, event.session_id
             )
             return
+        # checkout.session.completed with payment_status unpaid is a delayed method (a bank
+        # debit): nothing changes until its async_payment_* event arrives.
         if event.type in PAID_EVENTS and event.payment_status == "paid":
             if self._payment is None:
                 self._payment = event
-        elif event.type == "checkout.session.completed":
-            self._checkout_completed = True
         elif event.type == "checkout.session.async_payment_failed":
             self._payment_failed = True
         elif event.type == "checkout.session.expired":
