@@ -34,7 +34,8 @@ PAID_EVENTS = frozenset(
 # Payment methods that settle later (bank debits) may take days after checkout completes.
 ASYNC_PAYMENT_WINDOW = timedelta(days=14)
 
-STRIPE_RETRY = RetryPolicy(
+# Stripe and Postgres calls: transient faults clear within minutes.
+SERVICE_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
     maximum_interval=timedelta(minutes=1),
@@ -224,7 +225,7 @@ class VideoOrderWorkflow:
                 ),
                 start_to_close_timeout=timedelta(seconds=30),
                 schedule_to_close_timeout=timedelta(minutes=5),
-                retry_policy=STRIPE_RETRY,
+                retry_policy=SERVICE_RETRY,
             )
         except ActivityError as err:
             self._fail(f"could not create the checkout session: {_cause(err)}")
@@ -285,7 +286,7 @@ class VideoOrderWorkflow:
             StripeActivities.settle_checkout_session,
             self._view.checkout_session_id,
             start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=STRIPE_RETRY,
+            retry_policy=SERVICE_RETRY,
         )
 
     async def _listen_for_late_payment(self) -> None:
@@ -406,7 +407,7 @@ class VideoOrderWorkflow:
                 },
             ),
             start_to_close_timeout=timedelta(seconds=15),
-            retry_policy=STRIPE_RETRY,
+            retry_policy=SERVICE_RETRY,
         )
 
     # --- state ----------------------------------------------------------------------
