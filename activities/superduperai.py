@@ -21,6 +21,9 @@ import httpx
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+# The failure type that ends an attempt whose video is still rendering (retry-as-poll).
+GENERATION_PENDING = "GenerationPending"
+
 
 @dataclass
 class GenerateVideoRequest:
@@ -105,7 +108,7 @@ class SuperDuperAIActivities:
             activity.heartbeat(VideoProgress(file_id=file_id, status=status, progress=progress))
             if time.monotonic() >= window_ends:
                 raise ApplicationError(
-                    f"file {file_id} is {status} at {progress}%", type="GenerationPending"
+                    f"file {file_id} is {status} at {progress}%", type=GENERATION_PENDING
                 )
             await asyncio.sleep(req.poll_seconds)
 

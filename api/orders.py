@@ -10,10 +10,11 @@ from datetime import timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
+    WorkflowExecutionDescription,
+    WorkflowExecutionStatus,
     WorkflowUpdateFailedError,
 )
 from temporalio.common import (
@@ -28,6 +29,7 @@ from workers.settings import Settings
 from workflows import search_attributes as sa
 from workflows.video_order import (
     FINAL_STATUSES,
+    GENERATION_PENDING,
     ORDER_KIND,
     CheckoutInfo,
     OrderView,
@@ -148,9 +150,17 @@ async def read_order(client: Client, order_id: str) -> dict[str, Any]:
     Progress is heartbeated by the activities rather than signalled, so that polling adds
     nothing to the workflow's history; describe() exposes those heartbeats.
     """
-    handle = client.get_workflow_handle(workflow_id(check_order_id(order_id)))
+    handle = client.get_workflow_handle_for(
+        VideoOrderWorkflow.run, workflow_id(check_order_id(order_id))
+    )
     try:
-        view: OrderView = await handle.query(VideoOrderWorkflow.view, rpc_timeout=QUERY_TIMEOUT)
+        desc = await handle.describe()
+        if desc.status == WorkflowExecutionStatus.COMPLETED:
+            # A finished order's view is its workflow's result: read from history, no
+            # worker has to replay it.
+            view: OrderView = await handle.result(rpc_timeout=QUERY_TIMEOUT)
+        else:
+            view = await handle.query(VideoOrderWorkflow.view, rpc_timeout=QUERY_TIMEOUT)
     except RPCError as err:
         if err.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
             raise ApiError(404, "order_not_found", "no order with that id") from err
@@ -162,22 +172,22 @@ async def read_order(client: Client, order_id: str) -> dict[str, Any]:
         raise unavailable(err) from err
     data = order_json(view)
     if view.status == "generating":
-        await _merge_progress(client, handle, data)
+        await _merge_progress(client, desc, data)
     return data
 
 
-async def _merge_progress(client: Client, handle: Any, data: dict[str, Any]) -> None:
-    try:
-        desc = await handle.describe()
-    except RPCError:
-        return  # progress is a nicety; the view itself is already correct
+async def _merge_progress(client: Client, desc: WorkflowExecutionDescription, data: dict) -> None:
     videos = {f"video-{v['index']}": v for v in data["videos"]}
     for pending in desc.raw_description.pending_activities:
         video = videos.get(pending.activity_id)
         if video is None or video["status"] != "generating":
             continue
-        if pending.state == PendingActivityState.PENDING_ACTIVITY_STATE_SCHEDULED:
-            video["retrying"] = pending.attempt > 1
+        # Attempts end every poll window by design (GenerationPending); any other failure
+        # means the provider or our call is in trouble and the attempt is a real retry.
+        failure = pending.last_failure
+        video["retrying"] = pending.attempt > 1 and (
+            failure.application_failure_info.type != GENERATION_PENDING
+        )
         if not pending.heartbeat_details.payloads:
             continue
         details = await client.data_converter.decode(pending.heartbeat_details.payloads)

@@ -181,6 +181,11 @@ class Stack:
         page = await self.stripe.v1.refunds.list_async({"payment_intent": payment_intent})
         return list(page.data)
 
+    async def workflows_on_queue(self) -> int:
+        """How many workflows this stack's API has started (a rejected request adds none)."""
+        query = f"TaskQueue = '{self.settings.task_queue}'"
+        return len([wf async for wf in self.client.list_workflows(query)])
+
     async def history(self, order_id: str) -> list[Any]:
         handle = self.client.get_workflow_handle(f"video-order:{order_id}")
         return (await handle.fetch_history()).events

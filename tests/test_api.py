@@ -7,11 +7,6 @@ import pytest
 from tests.conftest import Stack
 
 
-async def _workflows_on_queue(stack: Stack) -> int:
-    query = f"TaskQueue = '{stack.settings.task_queue}'"
-    return len([wf async for wf in stack.client.list_workflows(query)])
-
-
 @pytest.mark.parametrize(
     ("body", "field"),
     [
@@ -31,14 +26,14 @@ async def _workflows_on_queue(stack: Stack) -> int:
 async def test_invalid_order_is_422_and_starts_no_workflow(
     stack: Stack, body: dict, field: str
 ) -> None:
-    before = await _workflows_on_queue(stack)
+    before = await stack.workflows_on_queue()
     resp = await stack.http.post("/api/video-orders", json=body)
     assert resp.status_code == 422
     data = resp.json()
     assert set(data) == {"error", "detail"}
     assert data["error"] == "invalid_request"
     assert field in data["detail"]
-    assert await _workflows_on_queue(stack) == before
+    assert await stack.workflows_on_queue() == before
 
 
 async def test_malformed_json_is_422(stack: Stack) -> None:

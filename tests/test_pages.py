@@ -10,11 +10,6 @@ from api.routes.pages import format_money
 from tests.conftest import Stack
 
 
-async def _workflows_on_queue(stack: Stack) -> int:
-    query = f"TaskQueue = '{stack.settings.task_queue}'"
-    return len([wf async for wf in stack.client.list_workflows(query)])
-
-
 def _html(resp: httpx.Response, status: int) -> str:
     assert resp.status_code == status, resp.text
     assert resp.headers["content-type"].startswith("text/html")
@@ -47,11 +42,11 @@ async def test_order_form_renders(stack: Stack) -> None:
 async def test_invalid_form_is_a_422_page_and_starts_nothing(
     stack: Stack, form: dict[str, str], message: str
 ) -> None:
-    before = await _workflows_on_queue(stack)
+    before = await stack.workflows_on_queue()
     page = _html(await stack.http.post("/orders", data=form), 422)
     assert message in page
     assert f">{form['prompt']}</textarea>" in page  # what the customer typed is kept
-    assert await _workflows_on_queue(stack) == before
+    assert await stack.workflows_on_queue() == before
 
 
 async def test_form_pays_on_checkout_and_the_order_page_follows(stack: Stack) -> None:

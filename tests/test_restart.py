@@ -55,6 +55,9 @@ async def test_order_survives_a_worker_restart_mid_generation(stack: Stack) -> N
                 await asyncio.sleep(0.2)
         finally:
             await asyncio.to_thread(worker.stop)
+        # A finished order reads from its history: no worker needed.
+        resp = await api.get(f"/api/video-orders/{order_id}")
+        assert resp.status_code == 200 and resp.json()["status"] == "completed"
 
     assert view["status"] == "completed"
     # The same files, picked up where they were: nothing generated or paid for twice.

@@ -20,7 +20,14 @@ with workflow.unsafe.imports_passed_through():
         StripeActivities,
     )
     from activities.postgres import Notification, OrderStore
-    from activities.superduperai import GenerateVideoRequest, SuperDuperAIActivities, VideoResult
+
+    # Re-exported for readers of pending activities (the API).
+    from activities.superduperai import GENERATION_PENDING as GENERATION_PENDING
+    from activities.superduperai import (
+        GenerateVideoRequest,
+        SuperDuperAIActivities,
+        VideoResult,
+    )
     from workflows import search_attributes as sa
 
 WORKFLOW_ID_PREFIX = "video-order:"
@@ -261,7 +268,11 @@ class VideoOrderWorkflow:
                 return False
             # The window closed or Stripe says the session expired: Stripe's record decides,
             # since the webhook that reported a payment may have been lost.
-            state = await self._settle_session()
+            try:
+                state = await self._settle_session()
+            except ActivityError as err:
+                self._fail(f"could not confirm the payment with Stripe: {_cause(err)}")
+                return False
             if state.payment_status == "paid":
                 self._payment = StripeEvent(
                     event_id=f"settled:{state.session_id}",
