@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from workers.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,20 @@ class SandboxConfig:
     webhook_retry_seconds: float = 1.0
     # How long a "bank transfer" takes to settle after the customer submits it.
     async_payment_seconds: float = 3.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> SandboxConfig:
+        """The sandbox that stands in for the providers these settings point at."""
+        values: dict[str, Any] = {
+            "data_dir": Path(settings.data_dir) / "sandbox",
+            "public_url": settings.sandbox_url,
+            "webhook_url": settings.public_url.rstrip("/") + "/webhooks/stripe",
+            "webhook_secret": settings.webhook_secret,
+            "stripe_api_key": settings.stripe_key,
+            "superduperai_token": settings.superduperai_key,
+            "video_seconds": settings.sandbox_video_seconds,
+        }
+        return cls(**{**values, **overrides})
 
     def __post_init__(self) -> None:
         if self.video_seconds <= 0:

@@ -32,8 +32,8 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from api.main import create_app
+from sandbox.app import SandboxConfig
 from sandbox.app import create_app as create_sandbox
-from sandbox.config import SandboxConfig
 from workers.settings import Settings
 from workers.stack import (
     apply_migrations,
@@ -270,16 +270,8 @@ async def stack(
         "sandbox",
         uvicorn_service(
             create_sandbox(
-                SandboxConfig(
-                    data_dir=base / "sandbox",
-                    public_url=settings.sandbox_url,
-                    webhook_url=f"{settings.public_url}/webhooks/stripe",
-                    webhook_secret=settings.webhook_secret,
-                    stripe_api_key=settings.stripe_key,
-                    superduperai_token=settings.superduperai_key,
-                    video_seconds=VIDEO_SECONDS,
-                    webhook_retry_seconds=0.3,
-                    async_payment_seconds=1.0,
+                SandboxConfig.from_settings(
+                    settings, webhook_retry_seconds=0.3, async_payment_seconds=1.0
                 )
             ),
             settings.sandbox_port,

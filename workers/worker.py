@@ -82,6 +82,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    # One line per provider poll would drown everything else.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = Settings()
 
     async def _main() -> None:
