@@ -35,6 +35,7 @@ from workflows.video_order import (
     OrderView,
     VideoOrderInput,
     VideoOrderWorkflow,
+    order_id_of,
     workflow_id,
 )
 
@@ -211,7 +212,7 @@ async def find_order_by_session(client: Client, session_id: str) -> str | None:
     query = f"{sa.CHECKOUT_SESSION_ID.name} = '{session_id}'"
     try:
         async for wf in client.list_workflows(query, limit=1):
-            return wf.id.removeprefix(workflow_id(""))
+            return order_id_of(wf.id)
     except RPCError as err:
         raise unavailable(err) from err
     return None
@@ -229,7 +230,7 @@ async def list_recent_orders(client: Client, limit: int) -> list[dict[str, Any]]
     async def one(wid: str) -> dict[str, Any] | None:
         async with gate:
             try:
-                return await read_order(client, wid.removeprefix(workflow_id("")))
+                return await read_order(client, order_id_of(wid))
             except ApiError:
                 return None
 

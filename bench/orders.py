@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import json
 import os
 import shutil
@@ -45,10 +43,11 @@ from typing import Any
 import httpx
 from temporalio.client import Client
 
+from sandbox.stripe_events import sign
 from workers.settings import Settings
 from workers.stack import REPO_ROOT, stop_embedded_postgres
+from workflows.video_order import FINAL_STATUSES
 
-FINAL = frozenset({"completed", "partially_refunded", "refunded", "expired", "failed"})
 POLL_SECONDS = 0.1
 BENCH_WEBHOOK_SECRET = "whsec_bench"
 EVENTS_TARGET_FIRST = 40
@@ -221,7 +220,7 @@ async def pay_and_wait(
         view = await http.get(status_url)
         if view.status_code == 200:
             run.status = view.json()["status"]
-            if run.status in FINAL:
+            if run.status in FINAL_STATUSES:
                 run.final_at = time.perf_counter()
                 return
         await asyncio.sleep(POLL_SECONDS)
@@ -246,12 +245,6 @@ async def completed_events(http: httpx.AsyncClient, target: Target) -> list[dict
             return r.json()
 
     return list(await asyncio.gather(*(fetch(i) for i in ids)))
-
-
-def sign(payload: bytes, secret: str) -> str:
-    timestamp = int(time.time())
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + payload, hashlib.sha256)
-    return f"t={timestamp},v1={mac.hexdigest()}"
 
 
 class RawConnection:

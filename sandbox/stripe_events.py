@@ -29,9 +29,12 @@ GIVE_UP_AFTER = 3 * 24 * 3600
 DELIVERY_TIMEOUT = 10.0
 
 
-def sign(payload: str, secret: str, timestamp: int) -> str:
-    """The `Stripe-Signature` header value for `payload` (scheme v1)."""
-    signed = f"{timestamp}.{payload}".encode()
+def sign(payload: str | bytes, secret: str, timestamp: int | None = None) -> str:
+    """The `Stripe-Signature` header value for `payload` (scheme v1), signed now by default."""
+    if timestamp is None:
+        timestamp = int(time.time())
+    body = payload.encode() if isinstance(payload, str) else payload
+    signed = f"{timestamp}.".encode() + body
     digest = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
     return f"t={timestamp},v1={digest}"
 
@@ -126,7 +129,7 @@ class StripeEvents:
         # Stripe signs every attempt afresh, so a retry carries a current timestamp.
         headers = {
             "Content-Type": "application/json; charset=utf-8",
-            "Stripe-Signature": sign(payload, self._secret, int(time.time())),
+            "Stripe-Signature": sign(payload, self._secret),
             "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
         }
         try:

@@ -9,8 +9,6 @@ event loops of their own, as separate processes would, so a test that blocks its
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import os
 import shutil
@@ -20,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +26,14 @@ import httpx
 import pytest
 import stripe
 import uvicorn
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from api.main import create_app
 from sandbox.app import SandboxConfig
 from sandbox.app import create_app as create_sandbox
+from sandbox.stripe_events import sign as stripe_signature
 from workers.settings import Settings
 from workers.stack import (
     apply_migrations,
@@ -43,6 +43,7 @@ from workers.stack import (
 )
 from workers.worker import run_worker
 from workflows import search_attributes as sa
+from workflows.video_order import FINAL_STATUSES, workflow_id
 
 ADMIN_TOKEN = "test-admin-token"
 WEBHOOK_SECRET = "whsec_test_suite"
@@ -120,10 +121,8 @@ async def wait_http(url: str, timeout: float = 20) -> None:
 
 
 def sign(payload: bytes, secret: str = WEBHOOK_SECRET, timestamp: int | None = None) -> str:
-    """A `Stripe-Signature` header computed the way Stripe documents it."""
-    t = int(time.time()) if timestamp is None else timestamp
-    mac = hmac.new(secret.encode(), f"{t}.".encode() + payload, hashlib.sha256).hexdigest()
-    return f"t={t},v1={mac}"
+    """A `Stripe-Signature` header as Stripe (and so the sandbox) computes it."""
+    return stripe_signature(payload, secret, timestamp)
 
 
 @dataclass
@@ -134,9 +133,6 @@ class Stack:
     sandbox_url: str
     http: httpx.AsyncClient
     stripe: stripe.StripeClient
-    final_statuses: frozenset[str] = field(
-        default=frozenset({"completed", "partially_refunded", "refunded", "expired", "failed"})
-    )
 
     async def create_order(self, **body: Any) -> dict[str, Any]:
         body.setdefault("prompt", "a red fox running through snow")
@@ -153,7 +149,7 @@ class Stack:
     async def wait_for(
         self, order_id: str, *statuses: str, timeout: float = 45
     ) -> dict[str, Any]:
-        wanted = set(statuses) or set(self.final_statuses)
+        wanted = set(statuses) or FINAL_STATUSES
         deadline = time.monotonic() + timeout
         while True:
             view = await self.order(order_id)
@@ -187,8 +183,17 @@ class Stack:
         return len([wf async for wf in self.client.list_workflows(query)])
 
     async def history(self, order_id: str) -> list[Any]:
-        handle = self.client.get_workflow_handle(f"video-order:{order_id}")
+        handle = self.client.get_workflow_handle(workflow_id(order_id))
         return (await handle.fetch_history()).events
+
+    async def scheduled(self, order_id: str, activity: str) -> int:
+        """How many times the order's workflow scheduled an activity (retries not counted)."""
+        return sum(
+            1
+            for e in await self.history(order_id)
+            if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+            and e.activity_task_scheduled_event_attributes.activity_type.name == activity
+        )
 
 
 def checkout_event(session: dict[str, Any], type_: str, **overrides: Any) -> dict[str, Any]:

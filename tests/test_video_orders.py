@@ -7,18 +7,8 @@ import json
 import uuid
 
 import httpx
-from temporalio.api.enums.v1 import EventType
 
 from tests.conftest import Stack, checkout_event
-
-
-def _scheduled(history: list, activity: str) -> int:
-    return sum(
-        1
-        for e in history
-        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
-        and e.activity_task_scheduled_event_attributes.activity_type.name == activity
-    )
 
 
 async def _paid_order(stack: Stack, **body) -> dict:
@@ -69,9 +59,8 @@ async def test_three_videos_generate_in_parallel(stack: Stack) -> None:
     assert done["amount_total"] == 3 * stack.settings.video_price
     assert [v["status"] for v in done["videos"]] == ["completed"] * 3
     assert len({v["file_id"] for v in done["videos"]}) == 3
-    history = await stack.history(order["order_id"])
-    assert _scheduled(history, "generate_video") == 3
-    assert len(history) <= 40 + 2 * 10
+    assert await stack.scheduled(order["order_id"], "generate_video") == 3
+    assert len(await stack.history(order["order_id"])) <= 40 + 2 * 10
 
 
 async def test_failed_videos_are_refunded_through_stripe(stack: Stack) -> None:
@@ -115,9 +104,8 @@ async def test_duplicate_and_concurrent_webhooks_act_once(stack: Stack) -> None:
 
     done = await stack.wait_for(order["order_id"])
     assert done["status"] == "completed"
-    history = await stack.history(order["order_id"])
-    assert _scheduled(history, "generate_video") == 2
-    assert _scheduled(history, "refund") == 0
+    assert await stack.scheduled(order["order_id"], "generate_video") == 2
+    assert await stack.scheduled(order["order_id"], "refund") == 0
 
 
 async def test_expiry_event_after_payment_does_not_undo_it(stack: Stack) -> None:
@@ -176,8 +164,7 @@ async def test_payment_after_expiry_is_refunded_in_full(stack: Stack) -> None:
     assert resp.status_code == 200, resp.text
     done = await stack.wait_for(order["order_id"], "refunded")
     assert done["refunded_amount"] == done["amount_total"] == 2 * stack.settings.video_price
-    history = await stack.history(order["order_id"])
-    assert _scheduled(history, "generate_video") == 0
+    assert await stack.scheduled(order["order_id"], "generate_video") == 0
     refunds = await stack.refunds(done["payment_intent"])
     assert [r.amount for r in refunds] == [done["amount_total"]]
 

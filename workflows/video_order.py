@@ -59,6 +59,10 @@ def workflow_id(order_id: str) -> str:
     return f"{WORKFLOW_ID_PREFIX}{order_id}"
 
 
+def order_id_of(wf_id: str) -> str:
+    return wf_id.removeprefix(WORKFLOW_ID_PREFIX)
+
+
 @dataclass
 class VideoOrderInput:
     order_id: str
@@ -320,9 +324,9 @@ class VideoOrderWorkflow:
 
     async def _generate_all(self) -> None:
         self._set_status("generating")
-        await asyncio.gather(*(self._generate(video) for video in self._view.videos))
-        refunded = sum(1 for v in self._view.videos if v.refunded_amount)
         videos = self._view.videos
+        await asyncio.gather(*(self._generate(video) for video in videos))
+        refunded = sum(1 for v in videos if v.refunded_amount)
         if any(v.status == "failed" and not v.refunded_amount for v in videos):
             self._fail("a refund could not be made; an operator must settle it")
         elif refunded == 0:
@@ -366,13 +370,12 @@ class VideoOrderWorkflow:
         video.file_id = result.file_id or video.file_id
         video.status = result.status
         video.error = result.error
-        if result.status == "completed":
-            video.url = result.url
-            video.thumbnail_url = result.thumbnail_url
-            video.progress = 100
-            self._touch()
-            return
+        video.url = result.url
+        video.thumbnail_url = result.thumbnail_url
         self._touch()
+        if result.status == "completed":
+            video.progress = 100
+            return
         if await self._refund(order.unit_amount, f"video-{video.index}", reason=video.error or ""):
             video.refunded_amount = order.unit_amount
 

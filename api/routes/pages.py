@@ -184,17 +184,14 @@ async def submit_order(
         # Absent fields stay absent so that the model's defaults apply, as in the JSON API.
         values = {name: str(form[name]) for name in FORM_FIELDS if name in form}
     try:
-        body = orders.VideoOrderCreate.model_validate(values)
-        order = orders.new_order(settings, body)
+        order = orders.new_order(settings, orders.VideoOrderCreate.model_validate(values))
+        checkout = await orders.start_order(temporal, settings, order)
     except ValidationError as err:
         messages, invalid = _describe(err)
         return _form_page(request, settings, values, messages, invalid, 422)
     except ApiError as err:
-        return _form_page(request, settings, values, [err.detail], frozenset(), err.status)
-    try:
-        checkout = await orders.start_order(temporal, settings, order)
-    except ApiError as err:
-        # Stripe or Temporal is down: keep what the customer typed so a retry is one click.
+        # Too many videos, or Stripe or Temporal down: keep what the customer typed so that
+        # fixing it or retrying is one click.
         return _form_page(request, settings, values, [err.detail], frozenset(), err.status)
     return RedirectResponse(checkout.checkout_url, status_code=303)
 

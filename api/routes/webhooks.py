@@ -9,6 +9,7 @@ from typing import Any
 
 import stripe
 from fastapi import APIRouter, Request
+from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from api import orders
@@ -115,7 +116,7 @@ async def stripe_webhook(
     return {"received": True, "handled": True}
 
 
-async def _order_for(temporal: Any, session: dict[str, Any]) -> str | None:
+async def _order_for(temporal: Client, session: dict[str, Any]) -> str | None:
     metadata = session.get("metadata") or {}
     for candidate in (metadata.get("order_id"), session.get("client_reference_id")):
         if isinstance(candidate, str) and orders.ORDER_ID_RE.match(candidate):
