@@ -1,28 +1,53 @@
-"""A worker that stops mid-generation: the order waits, then completes once on a new worker."""
+"""A worker that stops mid-generation: the order waits, then completes once on a new worker,
+and a customer watching the order page sees it through."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 
 import httpx
 
 from api.main import create_app
-from tests.conftest import Stack, start_worker
+from tests.conftest import (
+    ServiceThread,
+    Stack,
+    free_port,
+    start_worker,
+    uvicorn_service,
+    wait_http,
+)
+
+
+async def _watch(api: httpx.AsyncClient, order_id: str) -> list[str]:
+    """The statuses the order page's event stream delivers, until the stream closes."""
+    seen: list[str] = []
+    async with api.stream("GET", f"/api/video-orders/{order_id}/events", timeout=90) as resp:
+        assert resp.status_code == 200
+        async for line in resp.aiter_lines():
+            if line.startswith("data: "):
+                data = json.loads(line.removeprefix("data: "))
+                if "status" in data:
+                    seen.append(data["status"])
+    return seen
 
 
 async def test_order_survives_a_worker_restart_mid_generation(stack: Stack) -> None:
-    settings = stack.settings.model_copy(update={"task_queue": f"restart-{uuid.uuid4().hex[:8]}"})
-    app = create_app(settings, stack.client)
+    port = free_port()
+    settings = stack.settings.model_copy(
+        update={"task_queue": f"restart-{uuid.uuid4().hex[:8]}", "api_port": port}
+    )
+    server = ServiceThread("restart-api", uvicorn_service(create_app(settings), port)).start()
+    await wait_http(f"http://127.0.0.1:{port}/healthz")
     worker = start_worker(settings)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://api"
-    ) as api:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as api:
         resp = await api.post("/api/video-orders", json={"prompt": "a slow sunrise", "videos": 2})
         assert resp.status_code == 201, resp.text
         order_id = resp.json()["order_id"]
         view = (await api.get(f"/api/video-orders/{order_id}")).json()
+        watched = asyncio.create_task(_watch(api, order_id))
         await stack.pay(view["checkout_session_id"])
 
         # Stop the worker as soon as both generations have started.
@@ -57,6 +82,11 @@ async def test_order_survives_a_worker_restart_mid_generation(stack: Stack) -> N
         # A finished order reads from its history: no worker needed.
         resp = await api.get(f"/api/video-orders/{order_id}")
         assert resp.status_code == 200 and resp.json()["status"] == "completed"
+        # The event stream opened before the outage stayed open through it to the end.
+        seen = await asyncio.wait_for(watched, 10)
+    await asyncio.to_thread(server.stop)
+    assert seen[-1] == "completed", seen
+    assert "generating" in seen
 
     assert view["status"] == "completed"
     # The same files, picked up where they were: nothing generated or paid for twice.

@@ -61,6 +61,10 @@ async def video_order_events(
             try:
                 view = await orders.read_order(temporal, order_id)
             except ApiError as err:
+                if err.status != 404:
+                    # No worker or no Temporal for a moment: the order is safe, so the
+                    # stream waits it out instead of ending the customer's live page.
+                    continue
                 yield f"event: error\ndata: {json.dumps({'error': err.error})}\n\n"
                 return
 
