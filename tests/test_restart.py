@@ -19,6 +19,7 @@ from tests.conftest import (
     uvicorn_service,
     wait_http,
 )
+from workflows.video_order import workflow_id
 
 
 async def _watch(api: httpx.AsyncClient, order_id: str) -> list[str]:
@@ -71,22 +72,20 @@ async def test_order_survives_a_worker_restart_mid_generation(stack: Stack) -> N
 
         worker = start_worker(settings)
         try:
-            deadline = time.monotonic() + 60
-            while (view := (await api.get(f"/api/video-orders/{order_id}")).json())[
-                "status"
-            ] == "generating":
-                assert time.monotonic() < deadline, view
-                await asyncio.sleep(0.2)
+            # The workflow closes once its last step (the notification) is done.
+            handle = stack.client.get_workflow_handle(workflow_id(order_id))
+            await asyncio.wait_for(handle.result(), 60)
         finally:
             await asyncio.to_thread(worker.stop)
         # A finished order reads from its history: no worker needed.
         resp = await api.get(f"/api/video-orders/{order_id}")
-        assert resp.status_code == 200 and resp.json()["status"] == "completed"
+        assert resp.status_code == 200
+        view = resp.json()
         # The event stream opened before the outage stayed open through it to the end.
         seen = await asyncio.wait_for(watched, 10)
     await asyncio.to_thread(server.stop)
-    assert seen[-1] == "completed", seen
-    assert "generating" in seen
+    # What it showed during the outage depends on timing; how it ends does not.
+    assert seen[0] == "awaiting_payment" and seen[-1] == "completed", seen
 
     assert view["status"] == "completed"
     # The same files, picked up where they were: nothing generated or paid for twice.
