@@ -22,7 +22,7 @@ from tests.conftest import (
 from workflows.video_order import workflow_id
 
 
-async def _watch(api: httpx.AsyncClient, order_id: str) -> list[str]:
+async def _watch(api: httpx.AsyncClient, order_id: str, opened: asyncio.Event) -> list[str]:
     """The statuses the order page's event stream delivers, until the stream closes."""
     seen: list[str] = []
     async with api.stream("GET", f"/api/video-orders/{order_id}/events", timeout=90) as resp:
@@ -32,6 +32,7 @@ async def _watch(api: httpx.AsyncClient, order_id: str) -> list[str]:
                 data = json.loads(line.removeprefix("data: "))
                 if "status" in data:
                     seen.append(data["status"])
+                    opened.set()
     return seen
 
 
@@ -48,7 +49,10 @@ async def test_order_survives_a_worker_restart_mid_generation(stack: Stack) -> N
         assert resp.status_code == 201, resp.text
         order_id = resp.json()["order_id"]
         view = (await api.get(f"/api/video-orders/{order_id}")).json()
-        watched = asyncio.create_task(_watch(api, order_id))
+        opened = asyncio.Event()
+        watched = asyncio.create_task(_watch(api, order_id, opened))
+        # The customer is watching the page before paying, and so before the outage.
+        await asyncio.wait_for(opened.wait(), 10)
         await stack.pay(view["checkout_session_id"])
 
         # Stop the worker as soon as both generations have started.
