@@ -1,4 +1,11 @@
-"""Stripe: Checkout Sessions and refunds, through stripe-python's StripeClient."""
+"""Stripe: Checkout Sessions, payments and refunds, through stripe-python's StripeClient.
+
+Refunds must never double. Stripe replays an idempotency key's first answer for about a
+day, a 500 included, so a key that met a 500 would fail every retry for that long. Each
+attempt therefore sends a key of its own, and every attempt after the first looks for the
+refund an earlier one may already have made (the refund's metadata carries the order's
+refund key) before making one.
+"""
 
 from __future__ import annotations
 
@@ -47,9 +54,12 @@ class SessionState:
 class RefundRequest:
     payment_intent: str
     amount: int
+    # Names this refund of this order; stays the same for every attempt and every round.
     idempotency_key: str
     order_id: str
     reason: str
+    # How many times the workflow has scheduled this refund (an operator's retry adds one).
+    round: int = 1
 
 
 @dataclass
@@ -57,6 +67,12 @@ class RefundResult:
     refund_id: str
     amount: int
     status: str
+
+
+# Metadata key holding the refund's idempotency_key, so a later attempt can find it.
+REFUND_KEY_METADATA = "refund_key"
+# Refunds Stripe reports as these did not move money; the refund may be made again.
+_DEAD_REFUND_STATUSES = frozenset({"failed", "canceled"})
 
 
 def _non_retryable(err: stripe.StripeError) -> bool:
@@ -153,19 +169,55 @@ class StripeActivities:
 
     @activity.defn
     async def refund(self, req: RefundRequest) -> RefundResult:
+        attempt = activity.info().attempt
         try:
+            if attempt > 1 or req.round > 1:
+                # An earlier attempt may have made the refund and lost the answer.
+                found = await self._find_refund(req.payment_intent, req.idempotency_key)
+                if found is not None:
+                    return found
             refund = await self._client.v1.refunds.create_async(
                 {
                     "payment_intent": req.payment_intent,
                     "amount": req.amount,
                     "reason": "requested_by_customer",
-                    "metadata": {"order_id": req.order_id, "reason": req.reason},
+                    "metadata": {
+                        "order_id": req.order_id,
+                        "reason": req.reason[:500],
+                        REFUND_KEY_METADATA: req.idempotency_key,
+                    },
                 },
-                {"idempotency_key": req.idempotency_key},
+                {"idempotency_key": f"{req.idempotency_key}:{req.round}:{attempt}"},
             )
         except stripe.StripeError as err:
             if _non_retryable(err):
                 raise _application_error(err, f"a refund of {req.amount}") from err
             raise
         return RefundResult(refund_id=refund.id, amount=refund.amount, status=refund.status or "")
+
+    async def _find_refund(self, payment_intent: str, key: str) -> RefundResult | None:
+        page = await self._client.v1.refunds.list_async(
+            {"payment_intent": payment_intent, "limit": 100}
+        )
+        async for refund in page.auto_paging_iter():
+            metadata = refund.metadata or {}
+            if metadata.get(REFUND_KEY_METADATA) == key and (
+                refund.status not in _DEAD_REFUND_STATUSES
+            ):
+                activity.logger.info("refund %s already made as %s", key, refund.id)
+                return RefundResult(
+                    refund_id=refund.id, amount=refund.amount, status=refund.status or ""
+                )
+        return None
+
+    @activity.defn
+    async def payment_intent_status(self, payment_intent: str) -> str:
+        """Stripe's status of a payment: succeeded, processing, requires_payment_method..."""
+        try:
+            intent = await self._client.v1.payment_intents.retrieve_async(payment_intent)
+        except stripe.StripeError as err:
+            if _non_retryable(err):
+                raise _application_error(err, f"payment {payment_intent}") from err
+            raise
+        return intent.status
 

@@ -2,8 +2,19 @@
 
 One activity per video starts the generation and polls the file until it has a URL or a task
 failed. Progress goes out as heartbeat details, not into workflow history, so polling costs
-no history events; the file id is heartbeated as soon as it exists, so a retried attempt
-resumes polling the same file instead of paying for a second generation.
+no history events.
+
+A video is started at most as often as the shop decides. Every generate-video call is
+counted in Postgres (activities.postgres.VideoStarts) before it is sent, and the file id is
+stored as soon as an answer names it, so a retried attempt resumes polling that file. When
+an earlier call's answer never arrived (a timeout, a dropped connection, a gateway's 5xx, a
+crash mid-call) nobody knows whether the provider started a generation, and the real API
+is not known to honour an idempotency key. The retry then sends the call again, with the
+same Idempotency-Key, only while fewer than `max_unconfirmed_starts` calls went unanswered
+(VIDEO_START_ATTEMPTS, default 2: one resend, at the risk of paying for one orphaned
+generation). Past that the video fails as StartUnconfirmed and the workflow refunds its
+share. A call known not to have left (connection refused) or refused (4xx, 429, 503) does
+not count.
 
 An attempt polls for at most `poll_window_seconds`, then fails as `GenerationPending` and the
 server schedules the next attempt (retry-as-poll): no attempt holds a worker slot for the
@@ -13,16 +24,28 @@ whole generation, and the server, not the worker, owns the wait between attempts
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
+
+from activities.postgres import VideoStarts
 
 # The failure type that ends an attempt whose video is still rendering (retry-as-poll).
 GENERATION_PENDING = "GenerationPending"
+# The failure type of a video whose start calls went unanswered more often than allowed.
+START_UNCONFIRMED = "StartUnconfirmed"
+# Every call to the provider, the start included, ends within this; the workflow derives
+# the activity's heartbeat and start-to-close timeouts from it.
+HTTP_TIMEOUT_SECONDS = 15.0
+HTTP_TIMEOUT = httpx.Timeout(HTTP_TIMEOUT_SECONDS, connect=5.0)
+# Answers that do not tell whether a generation started (a gateway gave up waiting, or the
+# service broke mid-request). 503 and 429 say the request was not taken.
+_UNCLEAR_STATUSES = frozenset({500, 502, 504})
 
 
 @dataclass
@@ -35,13 +58,14 @@ class GenerateVideoRequest:
     generation_config_name: str
     poll_seconds: float
     poll_window_seconds: float
+    max_unconfirmed_starts: int = 2
 
 
 @dataclass
 class VideoProgress:
     """Heartbeat details: what a retried attempt and the order page need to know."""
 
-    file_id: str
+    file_id: str | None  # None while the start call is under way
     status: str
     progress: int
 
@@ -80,13 +104,14 @@ def _raise_for_status(resp: httpx.Response, what: str) -> None:
 
 
 class SuperDuperAIActivities:
-    def __init__(self, http: httpx.AsyncClient) -> None:
-        # The client carries base_url and the bearer token.
+    def __init__(self, http: httpx.AsyncClient, starts: VideoStarts) -> None:
+        # The client carries base_url, the bearer token and HTTP_TIMEOUT.
         self._http = http
+        self._starts = starts
 
     @activity.defn
     async def generate_video(self, req: GenerateVideoRequest) -> VideoResult:
-        file_id = self._resumed_file_id()
+        file_id = self._resumed_file_id() or await self._starts.file_id(req.order_id, req.index)
         if file_id is None:
             file_id = await self._start(req)
         activity.heartbeat(VideoProgress(file_id=file_id, status="pending", progress=0))
@@ -106,11 +131,17 @@ class SuperDuperAIActivities:
             if status == "failed":
                 return VideoResult(file_id=file_id, status="failed", error=error)
             activity.heartbeat(VideoProgress(file_id=file_id, status=status, progress=progress))
-            if time.monotonic() >= window_ends:
+            # A stopping worker ends the window at once, so the next attempt runs elsewhere
+            # instead of this one being cancelled mid-call.
+            if time.monotonic() >= window_ends or activity.is_worker_shutdown():
                 raise ApplicationError(
-                    f"file {file_id} is {status} at {progress}%", type=GENERATION_PENDING
+                    f"file {file_id} is {status} at {progress}%",
+                    type=GENERATION_PENDING,
+                    # Part of the polling design, not a fault: no error logs, no failure metrics.
+                    category=ApplicationErrorCategory.BENIGN,
                 )
-            await asyncio.sleep(req.poll_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(activity.wait_for_worker_shutdown(), req.poll_seconds)
 
     @staticmethod
     def _resumed_file_id() -> str | None:
@@ -121,6 +152,18 @@ class SuperDuperAIActivities:
         return last.get("file_id") if isinstance(last, dict) else getattr(last, "file_id", None)
 
     async def _start(self, req: GenerateVideoRequest) -> str:
+        claim = await self._starts.claim(req.order_id, req.index, req.max_unconfirmed_starts)
+        if claim.file_id is not None:
+            return claim.file_id
+        if not claim.allowed:
+            raise ApplicationError(
+                f"generate-video was sent {claim.unconfirmed_starts} time(s) for video "
+                f"{req.index} without an answer; not sending it again",
+                type=START_UNCONFIRMED,
+                non_retryable=True,
+            )
+        # The record says a start is under way; the order page says so too.
+        activity.heartbeat(VideoProgress(file_id=None, status="starting", progress=0))
         body = {
             "config": {
                 "prompt": req.prompt,
@@ -129,12 +172,26 @@ class SuperDuperAIActivities:
                 "generation_config_name": req.generation_config_name,
             }
         }
-        # The key names this video of this order. A service that honours it dedupes a start
-        # whose answer was lost; the heartbeated file id covers one that does not.
+        # A service that honours the key dedupes a resend; the record above covers one
+        # that does not.
         headers = {"Idempotency-Key": f"{req.order_id}:{req.index}"}
-        resp = await self._http.post("/api/v1/file/generate-video", json=body, headers=headers)
+        try:
+            resp = await self._http.post("/api/v1/file/generate-video", json=body, headers=headers)
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            # Never reached the provider.
+            await self._starts.release(req.order_id, req.index)
+            raise
+        except httpx.TransportError as err:
+            raise ApplicationError(
+                f"generate-video went unanswered ({type(err).__name__})",
+                type="StartUnanswered",
+            ) from err
+        if resp.status_code >= 400 and resp.status_code not in _UNCLEAR_STATUSES:
+            await self._starts.release(req.order_id, req.index)
         _raise_for_status(resp, "generate-video")
         data = resp.json()
         # The API answers with the file, or a list of files for multi-output configs.
         file = data[0] if isinstance(data, list) else data
-        return str(file["id"])
+        file_id = str(file["id"])
+        await self._starts.confirm(req.order_id, req.index, file_id)
+        return file_id

@@ -22,12 +22,14 @@ from temporalio.common import (
     TypedSearchAttributes,
     WorkflowIDConflictPolicy,
 )
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.errors import ApiError
 from workers.settings import Settings
 from workflows import search_attributes as sa
 from workflows.video_order import (
+    CUSTOMER_WORDS,
     FINAL_STATUSES,
     GENERATION_PENDING,
     ORDER_KIND,
@@ -108,6 +110,8 @@ def new_order(settings: Settings, body: VideoOrderCreate) -> VideoOrderInput:
         generation_poll_seconds=settings.generation_poll_seconds,
         generation_poll_window_seconds=settings.generation_poll_window_seconds,
         late_payment_window_seconds=settings.late_payment_window_seconds,
+        refund_retry_seconds=settings.refund_retry_seconds,
+        video_start_attempts=settings.video_start_attempts,
         email=body.email,
     )
 
@@ -134,7 +138,8 @@ async def start_order(client: Client, settings: Settings, order: VideoOrderInput
             CHECKOUT_WAIT_SECONDS,
         )
     except WorkflowUpdateFailedError as err:
-        raise ApiError(502, "checkout_failed", str(err.cause or err)) from err
+        # Stripe's own words stay in the order's view for operators.
+        raise ApiError(502, "checkout_failed", CUSTOMER_WORDS["checkout_failed"]) from err
     except TimeoutError as err:
         raise ApiError(503, "checkout_unavailable", "payment provider is slow; retry") from err
     except RPCError as err:
@@ -145,7 +150,7 @@ def unavailable(err: RPCError) -> ApiError:
     return ApiError(503, "temporal_unavailable", f"order service unreachable: {err.message}")
 
 
-async def read_order(client: Client, order_id: str) -> dict[str, Any]:
+async def read_order(client: Client, order_id: str, *, admin: bool = False) -> dict[str, Any]:
     """The order's view, with live generation progress from the running activities.
 
     Progress is heartbeated by the activities rather than signalled, so that polling adds
@@ -171,7 +176,7 @@ async def read_order(client: Client, order_id: str) -> dict[str, Any]:
                 503, "order_unavailable", "the order is safe but cannot be read now; retry"
             ) from err
         raise unavailable(err) from err
-    data = order_json(view)
+    data = order_json(view, admin=admin)
     if view.status == "generating":
         await _merge_progress(client, desc, data)
     return data
@@ -198,11 +203,23 @@ async def _merge_progress(client: Client, desc: WorkflowExecutionDescription, da
             video["progress"] = int(last.get("progress") or 0)
 
 
-def order_json(view: OrderView) -> dict[str, Any]:
+def order_json(view: OrderView, *, admin: bool = False) -> dict[str, Any]:
+    """The order as JSON. Customers get plain words and stable codes; what providers and
+    Stripe said (problems, details, refund keys, an operator's reason) is for operators."""
     data = dataclasses.asdict(view)
     data["final"] = view.status in FINAL_STATUSES
     if view.status != "awaiting_payment":
         data["checkout_url"] = None
+    if admin:
+        return data
+    del data["problems"]
+    for video in data["videos"]:
+        del video["detail"]
+    data["refunds"] = [
+        {k: r[k] for k in ("amount", "reason", "status", "video_index")} for r in data["refunds"]
+    ]
+    if data["settlement"] is not None:
+        data["settlement"] = {"at": data["settlement"]["at"]}
     return data
 
 
@@ -230,9 +247,35 @@ async def list_recent_orders(client: Client, limit: int) -> list[dict[str, Any]]
     async def one(wid: str) -> dict[str, Any] | None:
         async with gate:
             try:
-                return await read_order(client, order_id_of(wid))
+                return await read_order(client, order_id_of(wid), admin=True)
             except ApiError:
                 return None
 
     views = await asyncio.gather(*(one(wid) for wid in ids))
     return [v for v in views if v is not None]
+
+
+async def operate(client: Client, order_id: str, update: Any, *args: Any) -> dict[str, Any]:
+    """Runs an operator's update on an order that needs attention; returns the admin view."""
+    handle = client.get_workflow_handle_for(
+        VideoOrderWorkflow.run, workflow_id(check_order_id(order_id))
+    )
+    try:
+        await handle.execute_update(update, *args, rpc_timeout=QUERY_TIMEOUT)
+    except WorkflowUpdateFailedError as err:
+        cause = err.cause
+        if isinstance(cause, ApplicationError) and cause.type == "BadReason":
+            raise ApiError(422, "invalid_request", f"reason: {cause.message}") from err
+        detail = cause.message if isinstance(cause, ApplicationError) else str(err)
+        raise ApiError(409, "not_needing_attention", detail) from err
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            # No such order, or it has closed: the read below tells which.
+            await read_order(client, order_id, admin=True)
+            raise ApiError(409, "not_needing_attention", "the order has closed") from err
+        if err.status in (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED):
+            raise ApiError(
+                503, "order_unavailable", "no worker answered for the order; retry"
+            ) from err
+        raise unavailable(err) from err
+    return await read_order(client, order_id, admin=True)

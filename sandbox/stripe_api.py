@@ -62,8 +62,9 @@ def _lists(node: Any) -> Any:
 class IdempotencyKeys:
     """Stripe's idempotency layer: a key replays its first response for the same request.
 
-    Stripe also stores errors raised once a request passed validation; the sandbox stores
-    successes only, so a retry of a failed call is simply evaluated afresh.
+    As at Stripe, a server error (5xx) is saved and replayed too, so a client that retries
+    with the key that met a 500 meets the same 500 again; validation errors (4xx) are not
+    saved, so a corrected request under the same key is evaluated afresh.
     """
 
     def __init__(self, store: JsonStore) -> None:
@@ -86,11 +87,17 @@ class IdempotencyKeys:
                     f"'{key}' if you meant to execute a different request.",
                     type="idempotency_error",
                 )
-            return _json(200, saved["body"], {"Idempotent-Replayed": "true"})
-        body = action(params)
-        self._keys[key] = {"request": fingerprint, "body": body}
+            headers = {"Idempotent-Replayed": "true"}
+            return _json(saved.get("status", 200), saved["body"], headers)
+        try:
+            body, status = action(params), 200
+        except StripeError as exc:
+            if exc.status < 500:
+                raise
+            body, status = exc.body, exc.status
+        self._keys[key] = {"request": fingerprint, "body": body, "status": status}
         self._store.save()
-        return _json(200, body)
+        return _json(status, body)
 
 
 def create_router(stripe: StripeSandbox, api_key: str) -> APIRouter:
@@ -119,7 +126,7 @@ def create_router(stripe: StripeSandbox, api_key: str) -> APIRouter:
 
     @router.get("/v1/checkout/sessions/{session_id}")
     async def retrieve_checkout_session(request: Request, session_id: str) -> JSONResponse:
-        return await get(request, lambda: stripe.get_session(session_id))
+        return await get(request, lambda: stripe.retrieve_session(session_id))
 
     @router.post("/v1/checkout/sessions/{session_id}/expire")
     async def expire_checkout_session(request: Request, session_id: str) -> JSONResponse:
@@ -152,6 +159,16 @@ def create_router(stripe: StripeSandbox, api_key: str) -> APIRouter:
             return _json(200, stripe.pay(session_id, delayed=False, racing_expiry=True))
         except StripeError as exc:
             return _json(exc.status, exc.body)
+
+    @router.post("/_sandbox/faults")
+    async def set_fault(request: Request) -> JSONResponse:
+        """Fault injection for tests (see StripeSandbox.set_fault); not part of Stripe's API."""
+        try:
+            return _json(200, stripe.set_fault(await request.json()))
+        except StripeError as exc:
+            return _json(exc.status, exc.body)
+        except ValueError:
+            return _json(400, StripeError(400, "body must be JSON").body)
 
     @router.get("/_sandbox/deliveries")
     async def list_deliveries() -> list[dict[str, Any]]:

@@ -38,6 +38,8 @@ PRICE_DATA_PARAMS = {"currency", "unit_amount", "product_data"}
 PRODUCT_DATA_PARAMS = {"name", "description", "metadata"}
 PAYMENT_INTENT_DATA_PARAMS = {"metadata", "description"}
 REFUND_PARAMS = {"payment_intent", "amount", "metadata", "reason"}
+# set_fault: what can be made to fail, and how.
+FAULT_MODES = {"refund": {"error", "lost_answer"}, "session": {"error", "forbidden"}}
 
 
 class StripeError(Exception):
@@ -56,6 +58,14 @@ class StripeError(Exception):
         self.status = status
         error = {"type": type, "message": message, "param": param, "code": code}
         self.body = {"error": {key: value for key, value in error.items() if value is not None}}
+
+
+def _server_error() -> StripeError:
+    return StripeError(
+        500,
+        "An unknown error occurred (sandbox fault injection).",
+        type="api_error",
+    )
 
 
 def _missing(kind: str, object_id: str, param: str = "id") -> StripeError:
@@ -78,6 +88,8 @@ class StripeSandbox:
         self._payment_intents = self.store.collection("payment_intents")
         self._charges = self.store.collection("charges")
         self._refunds = self.store.collection("refunds")
+        # Test control (set_fault): "<kind>:<id>" -> {"mode": ..., "times": n}
+        self._faults = self.store.collection("faults")
 
     # -- Checkout Sessions -------------------------------------------------------------------
 
@@ -148,6 +160,19 @@ class StripeSandbox:
 
     def get_session(self, session_id: str) -> dict[str, Any]:
         return self._session_record(session_id)["session"]
+
+    def retrieve_session(self, session_id: str) -> dict[str, Any]:
+        """GET /v1/checkout/sessions/{id}, where test faults apply."""
+        fault = self._take_fault("session", session_id)
+        if fault == "error":
+            raise _server_error()
+        if fault == "forbidden":
+            raise StripeError(
+                403,
+                "The provided key does not have the required permissions for this endpoint "
+                "(sandbox fault injection).",
+            )
+        return self.get_session(session_id)
 
     def line_items(self, session_id: str) -> list[dict[str, Any]]:
         return self._session_record(session_id)["line_items"]
@@ -286,6 +311,9 @@ class StripeSandbox:
         reason = params.get("reason")
         if reason is not None and reason not in REFUND_REASONS:
             raise StripeError(400, f"Invalid reason: {reason}", param="reason")
+        fault = self._take_fault("refund", _metadata(params).get("order_id"))
+        if fault == "error":
+            raise _server_error()
 
         refund = {
             "id": new_id("re"),
@@ -304,14 +332,65 @@ class StripeSandbox:
         charge["refunded"] = charge["amount_refunded"] == charge["amount"]
         self.events.emit("charge.refunded", charge)
         self.store.save()
+        if fault == "lost_answer":
+            # The refund exists, but the answer that says so never reaches the client.
+            raise _server_error()
         return refund
 
+    def set_fault(self, body: Any) -> dict[str, Any]:
+        """Test control: make calls about one object fail, `times` times.
+
+        `{"kind": "refund", "id": <metadata[order_id]>, "mode": "error" | "lost_answer"}`:
+        refund creation answers 500 without refunding, or refunds and then answers 500.
+        `{"kind": "session", "id": <session id>, "mode": "error" | "forbidden"}`: reading the
+        Checkout Session answers 500, or 403 as for a key lacking the permission.
+        Mode `off` clears the fault.
+        """
+        if not isinstance(body, dict):
+            raise StripeError(400, "body must be a JSON object")
+        kind, object_id, mode = body.get("kind"), body.get("id"), body.get("mode")
+        modes = FAULT_MODES.get(kind) if isinstance(kind, str) else None
+        if modes is None:
+            raise StripeError(400, f"kind must be one of {sorted(FAULT_MODES)}", param="kind")
+        if not isinstance(object_id, str) or not object_id:
+            raise StripeError(400, "id is required", param="id")
+        key = f"{kind}:{object_id}"
+        if mode == "off":
+            self._faults.pop(key, None)
+        elif mode in modes:
+            times = body.get("times", 1)
+            if not isinstance(times, int) or times < 1:
+                raise StripeError(400, "times must be a positive integer", param="times")
+            self._faults[key] = {"mode": mode, "times": times}
+        else:
+            raise StripeError(400, f"mode must be one of {sorted(modes)} or off", param="mode")
+        self.store.save()
+        return {"kind": kind, "id": object_id, **self._faults.get(key, {})}
+
+    def _take_fault(self, kind: str, object_id: str | None) -> str | None:
+        key = f"{kind}:{object_id}"
+        fault = self._faults.get(key) if object_id else None
+        if fault is None:
+            return None
+        fault["times"] -= 1
+        if fault["times"] <= 0:
+            del self._faults[key]
+        self.store.save()
+        return fault["mode"]
+
     def list_refunds(self, params: dict[str, Any]) -> dict[str, Any]:
-        _reject_unknown(params, {"payment_intent", "limit"})
-        limit = _int(params, "limit", minimum=1) or 10
+        _reject_unknown(params, {"payment_intent", "limit", "starting_after"})
+        limit = min(_int(params, "limit", minimum=1) or 10, 100)
         intent_id = params.get("payment_intent")
         refunds = [r for r in self._refunds.values() if intent_id in (None, r["payment_intent"])]
-        refunds.sort(key=lambda r: r["created"], reverse=True)
+        # Newest first, as Stripe lists them; ids break ties within one second.
+        refunds.sort(key=lambda r: (r["created"], r["id"]), reverse=True)
+        after = params.get("starting_after")
+        if after is not None:
+            ids = [r["id"] for r in refunds]
+            if after not in ids:
+                raise _missing("refund", after, param="starting_after")
+            refunds = refunds[ids.index(after) + 1 :]
         return {
             "object": "list",
             "data": refunds[:limit],

@@ -4,7 +4,10 @@ A generation's progress is a pure function of the wall-clock time since it start
 needs no background work and simply carries on across sandbox restarts. Prompts steer the
 outcome for tests: `#fail` fails the task halfway, `#flaky` fails every second generation
 asked for with the same prompt (so an order of several videos gets some of each),
-`#stall` never finishes.
+`#stall` never finishes. `#lost-start` starts the generation and then loses the answer (a
+504, as from a gateway that gave up waiting), every time; `#lost-start-once` only for the
+first start with that prompt. Both ignore the Idempotency-Key, as a real API may, so every
+call really starts one more generation; `GET /superduperai/_sandbox/files?prompt=` counts them.
 """
 
 from __future__ import annotations
@@ -54,14 +57,22 @@ class SuperDuperAISandbox:
         self._files = self._store.collection("files")
         self._idempotency_keys = self._store.collection("idempotency_keys")
 
-    def generate(self, config: VideoConfig, idempotency_key: str | None) -> dict[str, Any]:
+    def generate(
+        self, config: VideoConfig, idempotency_key: str | None
+    ) -> tuple[dict[str, Any], bool]:
+        """The new (or, for a known key, first) file, and whether the answer gets lost."""
+        earlier = len(self.files_with_prompt(config.prompt))
+        loses = "#lost-start" in config.prompt and (
+            "#lost-start-once" not in config.prompt or earlier == 0
+        )
+        if "#lost-start" in config.prompt:
+            idempotency_key = None
         # A sandbox courtesy, not a documented feature of the real API: a repeated
         # Idempotency-Key returns the first file. Clients must not rely on it.
         if idempotency_key is not None and idempotency_key in self._idempotency_keys:
-            return self.view(self._idempotency_keys[idempotency_key])
+            return self.view(self._idempotency_keys[idempotency_key]), False
         now = time.time()
         file_id = str(uuid.uuid4())
-        earlier = sum(1 for f in self._files.values() if f["config"]["prompt"] == config.prompt)
         fails = "#fail" in config.prompt or ("#flaky" in config.prompt and earlier % 2 == 1)
         self._files[file_id] = {
             "id": file_id,
@@ -74,7 +85,10 @@ class SuperDuperAISandbox:
         if idempotency_key is not None:
             self._idempotency_keys[idempotency_key] = file_id
         self._store.save()
-        return self.view(file_id)
+        return self.view(file_id), loses
+
+    def files_with_prompt(self, prompt: str) -> list[str]:
+        return [f["id"] for f in self._files.values() if f["config"]["prompt"] == prompt]
 
     def view(self, file_id: str) -> dict[str, Any]:
         """The file as the API shows it now; raises KeyError for an unknown id."""
@@ -135,7 +149,10 @@ def create_router(videos: SuperDuperAISandbox, token: str) -> APIRouter:
     async def generate_video(
         body: GenerateVideo, idempotency_key: Annotated[str | None, Header()] = None
     ) -> dict[str, Any]:
-        return videos.generate(body.config, idempotency_key)
+        file, lost = videos.generate(body.config, idempotency_key)
+        if lost:
+            raise HTTPException(504, "Gateway Timeout")
+        return file
 
     @api.get("/file/{file_id}")
     async def get_file(file_id: str) -> dict[str, Any]:
@@ -160,7 +177,15 @@ def create_router(videos: SuperDuperAISandbox, token: str) -> APIRouter:
     async def thumbnail(file_id: str) -> FileResponse:
         return asset(file_id, "sample.jpg", "image/jpeg")
 
+    control = APIRouter(prefix="/_sandbox")
+
+    @control.get("/files")
+    async def files(prompt: str) -> dict[str, Any]:
+        """Test control: the generations started with a prompt, however their answers went."""
+        return {"file_ids": videos.files_with_prompt(prompt)}
+
     router = APIRouter(prefix="/superduperai", tags=["superduperai"])
     router.include_router(api)
+    router.include_router(control)
     router.include_router(media)
     return router

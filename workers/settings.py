@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     generation_poll_window_seconds: float = Field(default=60.0, ge=0)
     # How long an expired order still listens for a payment that raced its expiry.
     late_payment_window_seconds: int = Field(default=86400, ge=0)
+    # How long one refund is retried before its order needs an operator: well inside the
+    # day for which Stripe replays an idempotency key's first answer.
+    refund_retry_seconds: int = Field(default=6 * 3600, ge=1, le=20 * 3600)
+    # generate-video calls per video allowed to go unanswered (see activities/superduperai.py).
+    video_start_attempts: int = Field(default=2, ge=1, le=5)
 
     admin_token: str | None = None
     data_dir: str = ".data"

@@ -16,12 +16,16 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.payments import StripeActivities
-from activities.postgres import OrderStore
-from activities.superduperai import SuperDuperAIActivities
+from activities.postgres import OrderStore, VideoStarts
+from activities.superduperai import HTTP_TIMEOUT, SuperDuperAIActivities
 from workers.settings import Settings
 from workflows.video_order import VideoOrderWorkflow
 
 WORKFLOWS = [VideoOrderWorkflow]
+STRIPE_HTTP_TIMEOUT_SECONDS = 12.0
+# On SIGTERM the worker stops polling and gives running attempts this long: enough for a
+# start call or a Stripe call to finish (generation polls end their window at once).
+GRACEFUL_SHUTDOWN = timedelta(seconds=20)
 
 
 @asynccontextmanager
@@ -33,9 +37,11 @@ async def activities(settings: Settings) -> AsyncIterator[list]:
     http = httpx.AsyncClient(
         base_url=settings.superduperai_base,
         headers={"Authorization": f"Bearer {settings.superduperai_key}"},
-        timeout=httpx.Timeout(20.0, connect=5.0),
+        timeout=HTTP_TIMEOUT,
     )
-    stripe_http = stripe.HTTPXClient()
+    # With one network retry a Stripe call ends within ~2x this, inside the 30 s
+    # start-to-close timeout of every Stripe activity.
+    stripe_http = stripe.HTTPXClient(timeout=STRIPE_HTTP_TIMEOUT_SECONDS)
     stripe_client = stripe.StripeClient(
         settings.stripe_key,
         base_addresses={"api": settings.stripe_base},
@@ -50,7 +56,8 @@ async def activities(settings: Settings) -> AsyncIterator[list]:
             payments.create_checkout_session,
             payments.settle_checkout_session,
             payments.refund,
-            SuperDuperAIActivities(http).generate_video,
+            payments.payment_intent_status,
+            SuperDuperAIActivities(http, VideoStarts(pool)).generate_video,
             store.record_notification,
         ]
     finally:
@@ -67,6 +74,7 @@ def build_worker(client: Client, settings: Settings, bound: list) -> Worker:
         activities=bound,
         # Generations are long polls that mostly sleep; let many run side by side.
         max_concurrent_activities=200,
+        graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
         # The order page reads progress from heartbeats; by default the SDK would hold them
         # back for most of the heartbeat timeout.
         max_heartbeat_throttle_interval=timedelta(seconds=1),

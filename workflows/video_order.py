@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from temporalio import workflow
@@ -16,6 +18,7 @@ with workflow.unsafe.imports_passed_through():
         CheckoutRequest,
         CheckoutSession,
         RefundRequest,
+        RefundResult,
         SessionState,
         StripeActivities,
     )
@@ -24,6 +27,8 @@ with workflow.unsafe.imports_passed_through():
     # Re-exported for readers of pending activities (the API).
     from activities.superduperai import GENERATION_PENDING as GENERATION_PENDING
     from activities.superduperai import (
+        HTTP_TIMEOUT_SECONDS,
+        START_UNCONFIRMED,
         GenerateVideoRequest,
         SuperDuperAIActivities,
         VideoResult,
@@ -33,7 +38,11 @@ with workflow.unsafe.imports_passed_through():
 WORKFLOW_ID_PREFIX = "video-order:"
 ORDER_KIND = "video"
 
-FINAL_STATUSES = frozenset({"completed", "partially_refunded", "refunded", "expired", "failed"})
+FINAL_STATUSES = frozenset(
+    {"completed", "partially_refunded", "refunded", "expired", "failed", "settled"}
+)
+# Open, and waiting for an operator (or for the fault to clear by itself): see _await_operator.
+NEEDS_ATTENTION = "needs_attention"
 PAID_EVENTS = frozenset(
     {"checkout.session.completed", "checkout.session.async_payment_succeeded"}
 )
@@ -47,12 +56,39 @@ SERVICE_RETRY = RetryPolicy(
     backoff_coefficient=2.0,
     maximum_interval=timedelta(minutes=1),
 )
-# Money must move in the end, so refunds retry for as long as Stripe is unreachable.
+# Refunds retry for refund_retry_seconds (hours, well inside the day Stripe keeps an
+# idempotency key); past that the order needs attention rather than retrying unseen.
 REFUND_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
     backoff_coefficient=2.0,
     maximum_interval=timedelta(minutes=5),
 )
+# Reading the session at expiry: past this, the order says it needs attention (it stays
+# open and keeps listening for the payment) instead of guessing that nothing was paid.
+SETTLE_TIMEOUT = timedelta(minutes=10)
+# While Stripe cannot tell us about a payment, ask again after these waits (doubling).
+RECHECK_FIRST = timedelta(minutes=5)
+RECHECK_MAX = timedelta(hours=6)
+# A delayed payment's outcome webhook can be lost: its PaymentIntent is read this often.
+ASYNC_PAYMENT_CHECK = timedelta(hours=12)
+PAYMENT_FAILED_STATUSES = frozenset({"requires_payment_method", "canceled"})
+
+# What customers read, by stable code. Provider and Stripe messages never go here: they
+# stay in the view's `problems` and each item's `detail`, which only operators see.
+CUSTOMER_WORDS = {
+    "checkout_failed": "We could not open the payment page. Nothing was charged; please try "
+    "again in a moment.",
+    "payment_failed": "Your payment did not go through, so nothing was charged.",
+    "payment_unconfirmed": "We could not confirm your payment with the payment provider yet. "
+    "We keep checking: if you paid, your order goes ahead or is refunded.",
+    "payment_unresolved": "Your bank payment has still not been confirmed. Our team is "
+    "looking into it.",
+    "refund_pending": "A refund we owe you could not be sent yet. Our team has been alerted "
+    "and will make sure it reaches you.",
+    "generation_failed": "This video could not be made.",
+    "generation_timed_out": "This video took too long to make.",
+    START_UNCONFIRMED: "We could not confirm that this video was started.",
+}
 
 
 def workflow_id(order_id: str) -> str:
@@ -81,6 +117,8 @@ class VideoOrderInput:
     generation_poll_window_seconds: float
     late_payment_window_seconds: int
     email: str | None = None
+    refund_retry_seconds: int = 6 * 3600
+    video_start_attempts: int = 2
 
 
 @dataclass
@@ -110,8 +148,41 @@ class VideoView:
     progress: int = 0
     url: str | None = None
     thumbnail_url: str | None = None
-    error: str | None = None
+    error: str | None = None  # plain words (CUSTOMER_WORDS)
     refunded_amount: int = 0
+    error_code: str | None = None
+    detail: str | None = None  # the provider's words: operators only
+
+
+@dataclass
+class RefundView:
+    key: str  # the refund's idempotency key, also in its Stripe metadata
+    amount: int
+    reason: str
+    status: str  # pending | succeeded | failed | settled
+    video_index: int | None = None
+    refund_id: str | None = None
+    rounds: int = 0
+    detail: str | None = None  # why it failed, in Stripe's words: operators only
+
+
+@dataclass
+class Settlement:
+    """An operator's word that what the order still owed was settled outside the workflow."""
+
+    reason: str
+    at: str
+
+
+@dataclass
+class SettleRequest:
+    reason: str
+
+
+@dataclass
+class _OperatorAction:
+    kind: str  # retry | settle
+    reason: str = ""
 
 
 @dataclass
@@ -130,7 +201,14 @@ class OrderView:
     checkout_url: str | None = None
     checkout_expires_at: int | None = None
     payment_intent: str | None = None
-    error: str | None = None
+    error: str | None = None  # plain words (CUSTOMER_WORDS)
+    error_code: str | None = None
+    # While status is needs_attention: what is stuck, as a code and in plain words.
+    attention_code: str | None = None
+    attention: str | None = None
+    refunds: list[RefundView] = field(default_factory=list)
+    settlement: Settlement | None = None
+    problems: list[str] = field(default_factory=list)  # operators only
 
 
 @workflow.defn
@@ -154,6 +232,8 @@ class VideoOrderWorkflow:
         self._payment: StripeEvent | None = None
         self._payment_failed = False
         self._expiry_reported = False
+        self._actions: list[_OperatorAction] = []
+        self._awaiting_operator = False
         # The API starts orders with OrderKind set, which proves the namespace defines the
         # order attributes; an order started without it (an operator's manual start on a
         # bare namespace, the time-skipping test server) must not fail its workflow tasks
@@ -203,6 +283,43 @@ class VideoOrderWorkflow:
     def view(self) -> OrderView:
         return self._view
 
+    # Operators resolve an order that needs attention. Validators reject at once (nothing
+    # enters history) unless the order is waiting for exactly that.
+
+    @workflow.update
+    async def retry_refunds(self) -> str:
+        """Try what is stuck again: the failed refunds, or asking Stripe about the payment."""
+        self._take_action(_OperatorAction("retry"))
+        return "retrying"
+
+    @retry_refunds.validator
+    def _check_retry(self) -> None:
+        self._require_attention()
+
+    @workflow.update
+    async def mark_settled(self, request: SettleRequest) -> str:
+        """Record that an operator settled what is stuck by hand (e.g. in Stripe's dashboard)."""
+        self._take_action(_OperatorAction("settle", request.reason.strip()))
+        return "settled"
+
+    @mark_settled.validator
+    def _check_settle(self, request: SettleRequest) -> None:
+        self._require_attention()
+        if not request.reason.strip() or len(request.reason) > 500:
+            raise ApplicationError("a reason of 1-500 characters is required", type="BadReason")
+
+    def _require_attention(self) -> None:
+        if not self._awaiting_operator:
+            raise ApplicationError(
+                f"the order is {self._view.status}, not waiting for an operator",
+                type="NotNeedingAttention",
+            )
+
+    def _take_action(self, action: _OperatorAction) -> None:
+        self._actions.append(action)
+        # A second request before the workflow acts on this one is refused by the validator.
+        self._awaiting_operator = False
+
     # --- the flow -------------------------------------------------------------------
 
     @workflow.run
@@ -239,7 +356,7 @@ class VideoOrderWorkflow:
                 retry_policy=SERVICE_RETRY,
             )
         except ActivityError as err:
-            self._fail(f"could not create the checkout session: {_cause(err)}")
+            self._fail("checkout_failed", f"creating the checkout session: {_cause(err)}")
             return False
         self._view.checkout_session_id = session.session_id
         self._view.checkout_url = session.url
@@ -249,58 +366,110 @@ class VideoOrderWorkflow:
         return True
 
     async def _await_payment(self) -> bool:
-        """True once paid; False when the order expired or its payment failed."""
+        """True once paid; False when the order expired, its payment failed or was settled."""
         assert self._view.checkout_expires_at is not None
-        deadline = self._view.checkout_expires_at
-        while True:
-            remaining = deadline - workflow.now().timestamp()
-            if remaining > 0:
-                try:
-                    await workflow.wait_condition(
-                        lambda: self._payment is not None
-                        or self._payment_failed
-                        or self._expiry_reported,
-                        timeout=timedelta(seconds=remaining),
-                    )
-                except TimeoutError:
-                    pass
-            if self._payment is not None:
-                self._mark_paid()
-                return True
-            if self._payment_failed:
-                self._fail("the payment did not go through")
-                return False
+        await self._wait_until(
+            lambda: self._payment is not None or self._payment_failed or self._expiry_reported,
+            self._view.checkout_expires_at,
+        )
+        if self._payment is None and not self._payment_failed:
             # The window closed or Stripe says the session expired: Stripe's record decides,
             # since the webhook that reported a payment may have been lost.
-            try:
-                state = await self._settle_session()
-            except ActivityError as err:
-                self._fail(f"could not confirm the payment with Stripe: {_cause(err)}")
-                return False
-            if state.payment_status == "paid":
-                self._payment = StripeEvent(
-                    event_id=f"settled:{state.session_id}",
-                    type="checkout.session.completed",
-                    session_id=state.session_id,
-                    payment_status=state.payment_status,
-                    payment_intent=state.payment_intent,
-                    amount_total=state.amount_total,
-                )
-                self._mark_paid()
-                return True
-            if state.status == "complete":
-                # Checkout finished with a payment that settles later; wait for its outcome.
-                self._expiry_reported = False
-                deadline = int(workflow.now().timestamp() + ASYNC_PAYMENT_WINDOW.total_seconds())
+            state = await self._settle_session_patiently()
+            if state is not None:
+                if state.payment_status == "paid":
+                    self._payment = _payment_from(f"settled:{state.session_id}", state)
+                elif state.status == "complete":
+                    # Checkout finished with a payment that settles later (a bank debit).
+                    return await self._await_async_payment(state)
+                else:
+                    self._set_status("expired")
+                    return False
+        return self._payment_outcome()
+
+    async def _await_async_payment(self, state: SessionState) -> bool:
+        """Waits, bounded, for a delayed payment; its PaymentIntent decides if events are lost."""
+        deadline = workflow.now().timestamp() + ASYNC_PAYMENT_WINDOW.total_seconds()
+        while True:
+            now = workflow.now().timestamp()
+            await self._wait_until(
+                lambda: self._payment is not None or self._payment_failed,
+                min(deadline, now + ASYNC_PAYMENT_CHECK.total_seconds()),
+            )
+            if self._payment is not None or self._payment_failed:
+                return self._payment_outcome()
+            status = await self._payment_intent_status(state.payment_intent)
+            if status == "succeeded":
+                self._payment = _payment_from(f"intent:{state.payment_intent}", state)
+                return self._payment_outcome()
+            if status in PAYMENT_FAILED_STATUSES:
+                self._payment_failed = True
+                return self._payment_outcome()
+            if workflow.now().timestamp() < deadline:
                 continue
-            self._set_status("expired")
-            return False
+            # Still unsettled after the window (or unreadable): a person has to look.
+            action = await self._await_operator(
+                "payment_unresolved",
+                recheck=RECHECK_MAX,
+                also=lambda: self._payment is not None or self._payment_failed,
+            )
+            if action is not None and action.kind == "settle":
+                return self._payment_outcome()
+
+    async def _payment_intent_status(self, payment_intent: str | None) -> str | None:
+        if payment_intent is None:
+            return None
+        try:
+            return await workflow.execute_activity_method(
+                StripeActivities.payment_intent_status,
+                payment_intent,
+                start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_close_timeout=SETTLE_TIMEOUT,
+                retry_policy=SERVICE_RETRY,
+            )
+        except ActivityError as err:
+            self._problem(f"reading payment {payment_intent}: {_cause(err)}")
+            return None
+
+    def _payment_outcome(self) -> bool:
+        if self._payment is not None:
+            self._mark_paid()
+            return True
+        if self._payment_failed:
+            self._fail("payment_failed", "Stripe reported the payment as failed")
+        else:
+            self._set_status("settled")
+        return False
+
+    async def _settle_session_patiently(self) -> SessionState | None:
+        """Stripe's record of the session, asked until it answers.
+
+        None when a payment event or an operator decided first. Meanwhile the order needs
+        attention but stays open: a session that cannot be read may still have been paid.
+        """
+        recheck = RECHECK_FIRST
+        while True:
+            try:
+                return await self._settle_session()
+            except ActivityError as err:
+                self._problem(f"reading checkout session: {_cause(err)}")
+            action = await self._await_operator(
+                "payment_unconfirmed",
+                recheck=recheck,
+                also=lambda: self._payment is not None or self._payment_failed,
+            )
+            if self._payment is not None or self._payment_failed:
+                return None
+            if action is not None and action.kind == "settle":
+                return None
+            recheck = min(recheck * 2, RECHECK_MAX)
 
     async def _settle_session(self) -> SessionState:
         return await workflow.execute_activity_method(
             StripeActivities.settle_checkout_session,
             self._view.checkout_session_id,
             start_to_close_timeout=timedelta(seconds=30),
+            schedule_to_close_timeout=SETTLE_TIMEOUT,
             retry_policy=SERVICE_RETRY,
         )
 
@@ -319,17 +488,18 @@ class VideoOrderWorkflow:
         assert payment is not None
         amount = payment.amount_total or self._view.amount_total
         self._view.payment_intent = payment.payment_intent
-        if await self._refund(amount, "late_payment", reason="paid after the order expired"):
-            self._set_status("refunded")
+        await self._refund(amount, "late_payment", reason="paid after the order expired")
+        self._set_status("settled" if await self._settle_refunds() else "refunded")
 
     async def _generate_all(self) -> None:
         self._set_status("generating")
         videos = self._view.videos
         await asyncio.gather(*(self._generate(video) for video in videos))
+        if await self._settle_refunds():
+            self._set_status("settled")
+            return
         refunded = sum(1 for v in videos if v.refunded_amount)
-        if any(v.status == "failed" and not v.refunded_amount for v in videos):
-            self._fail("a refund could not be made; an operator must settle it")
-        elif refunded == 0:
+        if refunded == 0:
             self._set_status("completed")
         elif refunded == len(videos):
             self._set_status("refunded")
@@ -352,11 +522,22 @@ class VideoOrderWorkflow:
                     generation_config_name=order.generation_config_name,
                     poll_seconds=order.generation_poll_seconds,
                     poll_window_seconds=order.generation_poll_window_seconds,
+                    max_unconfirmed_starts=order.video_start_attempts,
                 ),
                 activity_id=f"video-{video.index}",
                 # The whole generation, every attempt included, gets one deadline.
                 schedule_to_close_timeout=timedelta(seconds=order.generation_timeout_seconds),
-                heartbeat_timeout=timedelta(seconds=max(30, 5 * order.generation_poll_seconds)),
+                # An attempt: a start call, a poll window, a last poll, each call bounded by
+                # the client's timeout; a heartbeat can be silent for one whole call.
+                start_to_close_timeout=timedelta(
+                    seconds=order.generation_poll_window_seconds
+                    + order.generation_poll_seconds
+                    + 3 * HTTP_TIMEOUT_SECONDS
+                    + 30
+                ),
+                heartbeat_timeout=timedelta(
+                    seconds=max(30, 5 * order.generation_poll_seconds, 2 * HTTP_TIMEOUT_SECONDS)
+                ),
                 # Attempts end every poll window while the video renders (retry-as-poll), so
                 # the next one follows after one poll interval rather than a growing backoff.
                 retry_policy=RetryPolicy(
@@ -366,43 +547,106 @@ class VideoOrderWorkflow:
                 ),
             )
         except ActivityError as err:
-            result = VideoResult(file_id=video.file_id, status="failed", error=_video_error(err))
+            code = _video_error_code(err)
+            result = VideoResult(file_id=video.file_id, status="failed", error=_cause(err))
+        else:
+            code = "generation_failed"
         video.file_id = result.file_id or video.file_id
         video.status = result.status
-        video.error = result.error
         video.url = result.url
         video.thumbnail_url = result.thumbnail_url
         self._touch()
         if result.status == "completed":
             video.progress = 100
             return
-        if await self._refund(order.unit_amount, f"video-{video.index}", reason=video.error or ""):
-            video.refunded_amount = order.unit_amount
+        video.error_code = code
+        video.error = CUSTOMER_WORDS[code]
+        video.detail = result.error
+        await self._refund(order.unit_amount, f"video-{video.index}", reason=code, video=video)
 
-    async def _refund(self, amount: int, key: str, reason: str) -> bool:
+    async def _refund(
+        self, amount: int, key: str, reason: str, video: VideoView | None = None
+    ) -> bool:
+        refund = RefundView(
+            key=f"{workflow.info().workflow_id}:refund:{key}",
+            amount=amount,
+            reason=reason,
+            status="pending",
+            video_index=None if video is None else video.index,
+        )
+        self._view.refunds.append(refund)
+        return await self._run_refund(refund)
+
+    async def _run_refund(self, refund: RefundView) -> bool:
+        refund.rounds += 1
+        refund.status = "pending"
         payment_intent = self._view.payment_intent
         if payment_intent is None:
-            self._view.error = "no payment intent to refund"
+            refund.status, refund.detail = "failed", "no payment intent to refund"
             return False
         try:
-            await workflow.execute_activity_method(
+            result: RefundResult = await workflow.execute_activity_method(
                 StripeActivities.refund,
                 RefundRequest(
                     payment_intent=payment_intent,
-                    amount=amount,
-                    idempotency_key=f"{workflow.info().workflow_id}:refund:{key}",
+                    amount=refund.amount,
+                    idempotency_key=refund.key,
                     order_id=self._order.order_id,
-                    reason=reason,
+                    reason=refund.reason,
+                    round=refund.rounds,
                 ),
                 start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_close_timeout=timedelta(seconds=self._order.refund_retry_seconds),
                 retry_policy=REFUND_RETRY,
             )
         except ActivityError as err:
-            self._view.error = f"refund of {amount} failed: {_cause(err)}"
+            refund.status, refund.detail = "failed", _cause(err)
+            self._problem(f"refund of {refund.amount} ({refund.key}): {refund.detail}")
+            self._touch()
             return False
-        self._view.refunded_amount += amount
+        refund.status, refund.refund_id, refund.detail = "succeeded", result.refund_id, None
+        self._view.refunded_amount += refund.amount
+        if refund.video_index is not None:
+            self._view.videos[refund.video_index].refunded_amount = refund.amount
         self._touch()
         return True
+
+    async def _settle_refunds(self) -> bool:
+        """Until no refund is left failed; True if an operator settled them by hand."""
+        while failed := [r for r in self._view.refunds if r.status == "failed"]:
+            action = await self._await_operator("refund_pending")
+            if action is not None and action.kind == "settle":
+                for refund in failed:
+                    refund.status = "settled"
+                return True
+            await asyncio.gather(*(self._run_refund(r) for r in failed))
+        return False
+
+    async def _await_operator(
+        self,
+        code: str,
+        recheck: timedelta | None = None,
+        also: Callable[[], bool] | None = None,
+    ) -> _OperatorAction | None:
+        """needs_attention until an operator acts, `also` holds or `recheck` passes.
+
+        Returns the operator's action, if that is what ended the wait. A settlement is
+        recorded in the view here.
+        """
+        self._view.attention_code, self._view.attention = code, CUSTOMER_WORDS[code]
+        self._set_status(NEEDS_ATTENTION)
+        self._awaiting_operator = True
+        with contextlib.suppress(TimeoutError):
+            await workflow.wait_condition(
+                lambda: bool(self._actions) or (also is not None and also()), timeout=recheck
+            )
+        self._awaiting_operator = False
+        self._view.attention_code = self._view.attention = None
+        action = self._actions.pop(0) if self._actions else None
+        if action is not None and action.kind == "settle":
+            self._view.settlement = Settlement(reason=action.reason, at=workflow.now().isoformat())
+        self._touch()
+        return action
 
     async def _notify(self) -> None:
         view = self._view
@@ -424,6 +668,12 @@ class VideoOrderWorkflow:
             retry_policy=SERVICE_RETRY,
         )
 
+    async def _wait_until(self, condition: Callable[[], bool], deadline: float) -> None:
+        remaining = deadline - workflow.now().timestamp()
+        if remaining > 0:
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(condition, timeout=timedelta(seconds=remaining))
+
     # --- state ----------------------------------------------------------------------
 
     def _mark_paid(self) -> None:
@@ -433,9 +683,14 @@ class VideoOrderWorkflow:
         # "generating": the search attribute is not written twice.
         self._view.status = "paid"
 
-    def _fail(self, message: str) -> None:
-        self._view.error = message
+    def _fail(self, code: str, detail: str) -> None:
+        self._view.error_code, self._view.error = code, CUSTOMER_WORDS[code]
+        self._problem(detail)
         self._set_status("failed")
+
+    def _problem(self, detail: str) -> None:
+        workflow.logger.warning("order %s: %s", self._order.order_id, detail)
+        self._view.problems.append(detail)
 
     def _set_status(self, status: str) -> None:
         self._view.status = status
@@ -461,14 +716,28 @@ def _checkout_expiry(now: float, seconds: int) -> int:
     return int(now) + max(seconds, 30 * 60 + 60)
 
 
+def _payment_from(event_id: str, state: SessionState) -> StripeEvent:
+    """A payment learnt from Stripe's records rather than from a webhook."""
+    return StripeEvent(
+        event_id=event_id,
+        type="checkout.session.completed",
+        session_id=state.session_id,
+        payment_status="paid",
+        payment_intent=state.payment_intent,
+        amount_total=state.amount_total,
+    )
+
+
 def _cause(err: ActivityError) -> str:
     cause = err.cause
     return str(cause) if cause is not None else str(err)
 
 
-def _video_error(err: ActivityError) -> str:
+def _video_error_code(err: ActivityError) -> str:
     # The deadline can fall inside an attempt (a timeout) or between two attempts of the
     # retry-as-poll loop (the server stops retrying with a TIMEOUT retry state).
     if isinstance(err.cause, ActivityTimeout) or err.retry_state == RetryState.TIMEOUT:
-        return "generation timed out"
-    return _cause(err)
+        return "generation_timed_out"
+    if isinstance(err.cause, ApplicationError) and err.cause.type == START_UNCONFIRMED:
+        return START_UNCONFIRMED
+    return "generation_failed"
