@@ -200,7 +200,7 @@ class StripeActivities:
             {"payment_intent": payment_intent, "limit": 100}
         )
         async for refund in page.auto_paging_iter():
-            metadata = refund.metadata or {}
+            metadata = refund.metadata.to_dict() if refund.metadata else {}
             if metadata.get(REFUND_KEY_METADATA) == key and (
                 refund.status not in _DEAD_REFUND_STATUSES
             ):

@@ -227,11 +227,14 @@ class StripeSandbox:
         return session
 
     def _settle(self, record: dict[str, Any]) -> None:
-        """A delayed payment arrives, or fails when the customer's email asks for it."""
+        """A delayed payment arrives, or fails or never settles when the email asks for it."""
         record["settle_at"] = None
         session = record["session"]
         intent = self._payment_intents[session["payment_intent"]]
-        if "+fail" in (session["customer_email"] or ""):
+        email = session["customer_email"] or ""
+        if "+hold" in email:
+            return  # stays processing for ever: no event, nothing to learn
+        if "+fail" in email:
             intent["status"] = "requires_payment_method"
             self.events.emit("checkout.session.async_payment_failed", session)
         else:

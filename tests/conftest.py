@@ -159,6 +159,19 @@ class Stack:
                 raise AssertionError(f"order stayed {view['status']}, wanted {wanted}: {view}")
             await asyncio.sleep(0.2)
 
+    async def fault(self, kind: str, object_id: str, mode: str, times: int = 1) -> None:
+        """Makes the sandbox's Stripe fail calls about one object (see StripeSandbox.set_fault)."""
+        async with httpx.AsyncClient(base_url=self.sandbox_url) as http:
+            resp = await http.post(
+                "/stripe/_sandbox/faults",
+                json={"kind": kind, "id": object_id, "mode": mode, "times": times},
+            )
+        assert resp.status_code == 200, resp.text
+
+    async def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.settings.admin_token}"}
+        return await self.http.request(method, f"/api/admin{path}", headers=headers, **kwargs)
+
     async def pay(self, session_id: str, how: str = "pay") -> httpx.Response:
         """What the customer's browser does on the sandbox's hosted checkout page."""
         async with httpx.AsyncClient(base_url=self.sandbox_url) as http:
@@ -255,6 +268,8 @@ def make_settings(base: Path, database_url: str, temporal_address: str, **extra:
         "sandbox_video_seconds": VIDEO_SECONDS,
         "stripe_webhook_secret": WEBHOOK_SECRET,
         "generation_poll_seconds": 0.25,
+        # Refunds that keep failing reach needs_attention within seconds, not hours.
+        "refund_retry_seconds": 5,
         "admin_token": ADMIN_TOKEN,
         "data_dir": str(base),
         **extra,

@@ -49,7 +49,7 @@
     }
 
     item.querySelector(".video-error").hidden = video.status !== "failed";
-    field(item, "error").textContent = video.error || "generation failed";
+    field(item, "error").textContent = video.error || "This video could not be made.";
     field(item, "refund").hidden = !video.refunded_amount;
     field(item, "refund-amount").textContent = formatMoney(video.refunded_amount);
   }
@@ -65,8 +65,9 @@
     for (const el of root.querySelectorAll('[data-notice] [data-field="refunded"]')) {
       el.textContent = formatMoney(order.refunded_amount);
     }
-    field(root.querySelector('[data-notice="failed"]'), "error").textContent =
-      order.error || "unknown error";
+    field(root.querySelector('[data-notice="failed"]'), "error").textContent = order.error || "";
+    field(root.querySelector('[data-notice="needs_attention"]'), "attention").textContent =
+      order.attention || "";
     const pay = field(root, "checkout");
     if (pay && order.checkout_url) pay.href = order.checkout_url;
 
