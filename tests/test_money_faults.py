@@ -11,7 +11,9 @@ import uuid
 
 import httpx
 
-from tests.conftest import Stack
+from api import orders
+from tests.conftest import Stack, checkout_event
+from workflows.video_order import workflow_id
 
 
 async def _pay(stack: Stack, order: dict) -> dict:
@@ -187,3 +189,35 @@ async def test_video_whose_first_start_answer_is_lost_is_resent_once(stack: Stac
     files = await _files(stack, prompt)
     assert len(files) == 2
     assert done["videos"][0]["file_id"] == files[1]
+
+
+async def test_payment_for_a_closed_order_is_refunded_not_dropped(stack: Stack) -> None:
+    """Item 3: the order expired and its workflow closed; then Stripe reports a payment for
+    it. The order runs again, refunds that payment in full, and its page says so; the
+    event's redelivery changes nothing."""
+    settings = stack.settings.model_copy(update={"late_payment_window_seconds": 0})
+    order = orders.new_order(settings, orders.VideoOrderCreate(prompt="a ghost ship", videos=2))
+    await orders.start_order(stack.client, settings, order)
+    order_id = order.order_id
+    session_id = await _expire(stack, order_id)
+    handle = stack.client.get_workflow_handle(workflow_id(order_id))
+    assert (await handle.result())["status"] == "expired"  # closed, nothing listening
+
+    await _late_pay(stack, session_id)
+    done = await stack.wait_for(order_id, "refunded")
+    assert done["refunded_amount"] == done["amount_total"] == 2 * order.unit_amount
+    assert done["payment_intent"]
+    assert [r.amount for r in await stack.refunds(done["payment_intent"])] == [
+        done["amount_total"]
+    ]
+    page = (await stack.http.get(f"/orders/{order_id}")).text
+    assert "Your payment was refunded." in page
+
+    # Stripe redelivers the paid event to the closed order: acknowledged, no second refund.
+    session = await stack.stripe.v1.checkout.sessions.retrieve_async(session_id)
+    event = checkout_event(session.to_dict(), "checkout.session.completed")
+    resp = await stack.send_event(event)
+    assert resp.status_code == 200 and resp.json()["handled"] is True
+    await handle.result()
+    assert len(await stack.refunds(done["payment_intent"])) == 1
+    assert (await stack.order(order_id))["status"] == "refunded"

@@ -100,28 +100,6 @@ def order_id_of(wf_id: str) -> str:
 
 
 @dataclass
-class VideoOrderInput:
-    order_id: str
-    prompt: str
-    videos: int
-    aspect_ratio: str
-    unit_amount: int
-    currency: str
-    success_url: str
-    cancel_url: str
-    generation_config_name: str
-    duration: int
-    checkout_expires_seconds: int
-    generation_timeout_seconds: int
-    generation_poll_seconds: float
-    generation_poll_window_seconds: float
-    late_payment_window_seconds: int
-    email: str | None = None
-    refund_retry_seconds: int = 6 * 3600
-    video_start_attempts: int = 2
-
-
-@dataclass
 class StripeEvent:
     """The part of a verified Stripe event that an order acts on."""
 
@@ -209,6 +187,35 @@ class OrderView:
     refunds: list[RefundView] = field(default_factory=list)
     settlement: Settlement | None = None
     problems: list[str] = field(default_factory=list)  # operators only
+    # Defaulted so that results saved before it existed still decode.
+    model: str | None = None
+
+
+@dataclass
+class VideoOrderInput:
+    order_id: str
+    prompt: str
+    videos: int
+    aspect_ratio: str
+    unit_amount: int
+    currency: str
+    success_url: str
+    cancel_url: str
+    generation_config_name: str
+    duration: int
+    checkout_expires_seconds: int
+    generation_timeout_seconds: int
+    generation_poll_seconds: float
+    generation_poll_window_seconds: float
+    late_payment_window_seconds: int
+    email: str | None = None
+    refund_retry_seconds: int = 6 * 3600
+    video_start_attempts: int = 2
+    # A new run of an order whose workflow had closed when a payment for it arrived: the
+    # run starts from the closed run's view and refunds that payment (see run()).
+    stray_payment: StripeEvent | None = None
+    previous_view: OrderView | None = None
+
 
 
 @workflow.defn
@@ -217,7 +224,7 @@ class VideoOrderWorkflow:
     def __init__(self, order: VideoOrderInput) -> None:
         self._order = order
         now = workflow.now().isoformat()
-        self._view = OrderView(
+        self._view = order.previous_view or OrderView(
             order_id=order.order_id,
             status="awaiting_payment",
             prompt=order.prompt,
@@ -227,6 +234,7 @@ class VideoOrderWorkflow:
             created_at=now,
             updated_at=now,
             videos=[VideoView(index=i, status="pending") for i in range(order.videos)],
+            model=order.generation_config_name,
         )
         self._seen_events: set[str] = set()
         self._payment: StripeEvent | None = None
@@ -324,7 +332,9 @@ class VideoOrderWorkflow:
 
     @workflow.run
     async def run(self, order: VideoOrderInput) -> OrderView:
-        if await self._create_checkout():
+        if order.stray_payment is not None:
+            await self._refund_stray_payment(order.stray_payment)
+        elif await self._create_checkout():
             if await self._await_payment():
                 await self._generate_all()
             else:
@@ -489,6 +499,19 @@ class VideoOrderWorkflow:
         amount = payment.amount_total or self._view.amount_total
         self._view.payment_intent = payment.payment_intent
         await self._refund(amount, "late_payment", reason="paid after the order expired")
+        self._set_status("settled" if await self._settle_refunds() else "refunded")
+
+    async def _refund_stray_payment(self, payment: StripeEvent) -> None:
+        """Stripe took a payment for this order after its previous run had closed (an
+        expired or failed order): the customer gets it back in full, never silence."""
+        self._payment = payment
+        self._seen_events.add(payment.event_id)
+        self._view.payment_intent = payment.payment_intent
+        self._view.error = self._view.error_code = None
+        amount = payment.amount_total or self._view.amount_total
+        await self._refund(
+            amount, f"payment:{payment.payment_intent}", reason="paid after the order closed"
+        )
         self._set_status("settled" if await self._settle_refunds() else "refunded")
 
     async def _generate_all(self) -> None:

@@ -15,7 +15,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from api import orders
 from api.deps import SettingsDep, TemporalClientDep
 from api.errors import ApiError
-from workflows.video_order import StripeEvent, VideoOrderWorkflow, workflow_id
+from workflows.video_order import PAID_EVENTS, StripeEvent, VideoOrderWorkflow, workflow_id
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
@@ -106,12 +106,16 @@ async def stripe_webhook(
     try:
         await handle.signal(VideoOrderWorkflow.stripe_event, signal)
     except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND:
-            # The order has finished and its workflow closed; nothing is left to act on.
-            log.info("stripe event %s for closed order %s", event["id"], order_id)
+        if err.status != RPCStatusCode.NOT_FOUND:
+            # Ours to fix: a 5xx makes Stripe deliver the event again.
+            raise orders.unavailable(err) from err
+        # The order's workflow has closed. A payment it never took must not vanish.
+        if signal.type not in PAID_EVENTS or signal.payment_status != "paid":
             return {"received": True, "handled": False}
-        # Anything else is ours to fix: a 5xx makes Stripe deliver the event again.
-        raise orders.unavailable(err) from err
+        if not await orders.payment_for_closed_order(temporal, order_id, signal):
+            log.warning("stripe event %s: no order %s here", event["id"], order_id)
+            return {"received": True, "handled": False}
+        log.info("stripe event %s: payment for closed order %s", event["id"], order_id)
     acknowledged.add(event["id"])
     return {"received": True, "handled": True}
 
