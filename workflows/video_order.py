@@ -420,6 +420,7 @@ class VideoOrderWorkflow:
             # Still unsettled after the window (or unreadable): a person has to look.
             action = await self._await_operator(
                 "payment_unresolved",
+                resume="awaiting_payment",
                 recheck=RECHECK_MAX,
                 also=lambda: self._payment is not None or self._payment_failed,
             )
@@ -465,6 +466,7 @@ class VideoOrderWorkflow:
                 self._problem(f"reading checkout session: {_cause(err)}")
             action = await self._await_operator(
                 "payment_unconfirmed",
+                resume="awaiting_payment",
                 recheck=recheck,
                 also=lambda: self._payment is not None or self._payment_failed,
             )
@@ -498,6 +500,9 @@ class VideoOrderWorkflow:
         assert payment is not None
         amount = payment.amount_total or self._view.amount_total
         self._view.payment_intent = payment.payment_intent
+        # Money came in: the page must stop saying that nothing was charged. (View only:
+        # an extra search-attribute command would not replay orders already in flight.)
+        self._view.status = "refunding"
         await self._refund(amount, "late_payment", reason="paid after the order expired")
         self._set_status("settled" if await self._settle_refunds() else "refunded")
 
@@ -508,6 +513,7 @@ class VideoOrderWorkflow:
         self._seen_events.add(payment.event_id)
         self._view.payment_intent = payment.payment_intent
         self._view.error = self._view.error_code = None
+        self._view.status = "refunding"  # the API started this run with that search attribute
         amount = payment.amount_total or self._view.amount_total
         await self._refund(
             amount, f"payment:{payment.payment_intent}", reason="paid after the order closed"
@@ -637,7 +643,7 @@ class VideoOrderWorkflow:
     async def _settle_refunds(self) -> bool:
         """Until no refund is left failed; True if an operator settled them by hand."""
         while failed := [r for r in self._view.refunds if r.status == "failed"]:
-            action = await self._await_operator("refund_pending")
+            action = await self._await_operator("refund_pending", resume="refunding")
             if action is not None and action.kind == "settle":
                 for refund in failed:
                     refund.status = "settled"
@@ -648,13 +654,15 @@ class VideoOrderWorkflow:
     async def _await_operator(
         self,
         code: str,
+        resume: str,
         recheck: timedelta | None = None,
         also: Callable[[], bool] | None = None,
     ) -> _OperatorAction | None:
         """needs_attention until an operator acts, `also` holds or `recheck` passes.
 
         Returns the operator's action, if that is what ended the wait. A settlement is
-        recorded in the view here.
+        recorded in the view here; otherwise the order is back in status `resume` while
+        it tries again.
         """
         self._view.attention_code, self._view.attention = code, CUSTOMER_WORDS[code]
         self._set_status(NEEDS_ATTENTION)
@@ -668,7 +676,9 @@ class VideoOrderWorkflow:
         action = self._actions.pop(0) if self._actions else None
         if action is not None and action.kind == "settle":
             self._view.settlement = Settlement(reason=action.reason, at=workflow.now().isoformat())
-        self._touch()
+            self._touch()
+        else:
+            self._set_status(resume)
         return action
 
     async def _notify(self) -> None:

@@ -36,7 +36,7 @@
 
   function renderVideo(video) {
     const item = el("li", {}, `Video ${video.index + 1}: ${video.status}`);
-    if (video.error) item.append(` (${video.error})`);
+    if (video.error) item.append(` (${video.detail || video.error})`);
     if (video.url) {
       item.append(
         " · ",
@@ -59,8 +59,45 @@
       el("p", { className: "prompt" }, order.prompt),
       el("p", { className: "muted" }, `${order.created_at.slice(0, 16).replace("T", " ")} UTC · ${amounts}`),
       order.error ? el("p", { className: "notice notice--error" }, order.error) : "",
+      order.status === "needs_attention" ? attention(order) : "",
+      order.settlement
+        ? el("p", { className: "muted" }, `Settled by hand: ${order.settlement.reason}`)
+        : "",
       el("ul", { className: "files" }, ...order.videos.map(renderVideo)),
     );
+  }
+
+  // What is stuck, what the providers said, and the two ways out (see README).
+  function attention(order) {
+    const id = encodeURIComponent(order.order_id);
+    const reason = el("input", { type: "text", maxLength: 500, placeholder: "Why it is settled" });
+    const retry = el("button", { className: "button", type: "button" }, "Retry now");
+    const settle = el("button", { className: "button button--secondary", type: "button" },
+      "Mark settled");
+    retry.addEventListener("click", () => act(`/api/admin/video-orders/${id}/retry-refunds`));
+    settle.addEventListener("click", () =>
+      act(`/api/admin/video-orders/${id}/mark-settled`, { reason: reason.value }));
+    return el(
+      "div",
+      { className: "notice notice--warn" },
+      el("p", {}, el("strong", {}, order.attention_code), ` ${order.attention}`),
+      el("ul", {}, ...(order.problems || []).map((p) => el("li", {}, p))),
+      el("p", {}, retry, " ", reason, " ", settle),
+    );
+  }
+
+  async function act(url, body) {
+    const response = await fetch(url, {
+      method: "POST",
+      headers: {
+        Authorization: `Bearer ${sessionStorage.getItem(KEY)}`,
+        "Content-Type": "application/json",
+      },
+      body: body ? JSON.stringify(body) : undefined,
+    }).catch(() => null);
+    const answer = response ? await response.json().catch(() => ({})) : {};
+    if (!response || !response.ok) return say(answer.detail || "The action failed.", "error");
+    await load();
   }
 
   async function load() {
