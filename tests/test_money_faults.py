@@ -13,6 +13,7 @@ import httpx
 
 from api import orders
 from tests.conftest import Stack, checkout_event
+from workers.worker import activities
 from workflows.video_order import workflow_id
 
 
@@ -221,3 +222,34 @@ async def test_payment_for_a_closed_order_is_refunded_not_dropped(stack: Stack) 
     await handle.result()
     assert len(await stack.refunds(done["payment_intent"])) == 1
     assert (await stack.order(order_id))["status"] == "refunded"
+
+
+async def test_every_client_call_ends_inside_its_activity_timeouts(stack: Stack) -> None:
+    """Item 4: what the worker's clients may take (timeout x tries) fits inside the timeouts
+    the workflow really scheduled, and a heartbeat outlasts the slowest start call."""
+    order = await stack.create_order(videos=1)
+    await _pay(stack, order)
+    await stack.wait_for(order["order_id"])
+    scheduled = {
+        e.activity_task_scheduled_event_attributes.activity_type.name: (
+            e.activity_task_scheduled_event_attributes
+        )
+        for e in await stack.history(order["order_id"])
+        if e.activity_task_scheduled_event_attributes.activity_type.name
+    }
+    async with activities(stack.settings) as bound:
+        clients = {fn.__name__: fn.__self__ for fn in bound}
+        video_http = clients["generate_video"]._http
+        stripe_client = clients["refund"]._client
+        stripe_seconds = stripe_client._requestor._client._timeout
+        stripe_tries = 1 + stripe_client._requestor._options.max_network_retries
+    video_seconds = video_http.timeout.read
+    generate = scheduled["generate_video"]
+    assert generate.heartbeat_timeout.ToTimedelta().total_seconds() > video_seconds
+    # A start call, a poll window and a last poll fit in one attempt.
+    assert generate.start_to_close_timeout.ToTimedelta().total_seconds() > (
+        stack.settings.generation_poll_window_seconds + 2 * video_seconds
+    )
+    # Every Stripe activity gets the same 30 s start-to-close as the checkout.
+    checkout = scheduled["create_checkout_session"].start_to_close_timeout.ToTimedelta()
+    assert stripe_seconds * stripe_tries < checkout.total_seconds()
