@@ -21,6 +21,7 @@ from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
     WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
 )
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
@@ -35,6 +36,7 @@ from workflows.video_order import (
     ORDER_KIND,
     CheckoutInfo,
     OrderView,
+    StripeEvent,
     VideoOrderInput,
     VideoOrderWorkflow,
     order_id_of,
@@ -44,7 +46,6 @@ from workflows.video_order import (
 ORDER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 SESSION_ID_RE = re.compile(r"^cs_[A-Za-z0-9_]{1,250}$")
 _EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{2,63}$")
-_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./:-]{0,99}$")
 # A query needs a worker; without one, answer soon instead of holding the request.
 QUERY_TIMEOUT = timedelta(seconds=5)
 # Bounds how long POST /api/video-orders waits for Stripe before telling the client to retry.
@@ -57,14 +58,13 @@ class VideoOrderCreate(BaseModel):
     prompt: str = Field(min_length=1, max_length=2000)
     videos: int = Field(ge=1)
     aspect_ratio: Literal["16:9", "9:16", "1:1"] = "16:9"
-    model: str | None = None
+    # One of settings.video_model_prices (checked in new_order); absent means the default.
+    model: str | None = Field(default=None, max_length=100)
     email: str | None = None
 
     @field_validator("model")
     @classmethod
     def _model(cls, v: str | None) -> str | None:
-        if v and not _MODEL_RE.match(v):
-            raise ValueError("model must be a generation config name such as google-cloud/veo3")
         return v or None
 
     @field_validator("email")
@@ -92,6 +92,10 @@ def new_order(settings: Settings, body: VideoOrderCreate) -> VideoOrderInput:
             "invalid_request",
             f"videos: at most {settings.max_videos_per_order} videos per order",
         )
+    prices = settings.video_model_prices
+    model = body.model or settings.default_video_model
+    if model not in prices:
+        raise ApiError(422, "invalid_request", f"model: choose one of {', '.join(prices)}")
     order_id = secrets.token_urlsafe(16)  # 128 random bits: the order's only credential
     page = order_page_url(settings, order_id)
     return VideoOrderInput(
@@ -99,11 +103,11 @@ def new_order(settings: Settings, body: VideoOrderCreate) -> VideoOrderInput:
         prompt=body.prompt,
         videos=body.videos,
         aspect_ratio=body.aspect_ratio,
-        unit_amount=settings.video_price,
+        unit_amount=prices[model],
         currency=settings.video_currency,
         success_url=f"{page}?session_id={{CHECKOUT_SESSION_ID}}",
         cancel_url=f"{page}?cancelled=1",
-        generation_config_name=body.model or settings.video_generation_config,
+        generation_config_name=model,
         duration=settings.video_duration,
         checkout_expires_seconds=settings.checkout_expires_seconds,
         generation_timeout_seconds=settings.generation_timeout_seconds,
@@ -279,3 +283,52 @@ async def operate(client: Client, order_id: str, update: Any, *args: Any) -> dic
             ) from err
         raise unavailable(err) from err
     return await read_order(client, order_id, admin=True)
+
+
+async def payment_for_closed_order(client: Client, order_id: str, event: StripeEvent) -> bool:
+    """A paid event whose order's workflow has closed. True if the order knows it now.
+
+    A redelivery of the payment the order already took is a no-op. Any other payment
+    starts a new run of the order (same workflow id, so the same page) that refunds it.
+    False when no such order exists here at all.
+    """
+    handle = client.get_workflow_handle_for(VideoOrderWorkflow.run, workflow_id(order_id))
+    try:
+        desc = await handle.describe()
+        if desc.status == WorkflowExecutionStatus.RUNNING:
+            # Another delivery already started the refunding run: it dedupes the event.
+            await handle.signal(VideoOrderWorkflow.stripe_event, event)
+            return True
+        if desc.status == WorkflowExecutionStatus.COMPLETED:
+            view: OrderView = await handle.result(rpc_timeout=QUERY_TIMEOUT)
+        else:
+            # Failed, terminated or timed out: its last state comes from a replay.
+            view = await handle.query(VideoOrderWorkflow.view, rpc_timeout=QUERY_TIMEOUT)
+        if event.payment_intent is not None and view.payment_intent == event.payment_intent:
+            return True
+        history = await handle.fetch_history()
+        started = history.events[0].workflow_execution_started_event_attributes
+        [order] = await client.data_converter.decode(started.input.payloads, [VideoOrderInput])
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            return False
+        raise unavailable(err) from err
+    order = dataclasses.replace(order, stray_payment=event, previous_view=view)
+    try:
+        await client.start_workflow(
+            VideoOrderWorkflow.run,
+            order,
+            id=workflow_id(order_id),
+            task_queue=desc.task_queue,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            search_attributes=TypedSearchAttributes(
+                [
+                    SearchAttributePair(sa.ORDER_KIND, ORDER_KIND),
+                    SearchAttributePair(sa.ORDER_STATUS, "refunding"),
+                ]
+            ),
+        )
+    except RPCError as err:
+        raise unavailable(err) from err
+    return True

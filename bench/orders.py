@@ -44,7 +44,7 @@ import httpx
 from temporalio.client import Client
 
 from sandbox.stripe_events import sign
-from workers.settings import Settings
+from workers.settings import SANDBOX_STRIPE_KEY, load_settings
 from workers.stack import REPO_ROOT, stop_embedded_postgres
 from workflows.video_order import FINAL_STATUSES
 
@@ -147,7 +147,7 @@ async def own_stack(video_seconds: float, keep: bool) -> AsyncIterator[Target]:
             temporal_address=f"127.0.0.1:{temporal_port}",
             namespace="default",
             webhook_secret=BENCH_WEBHOOK_SECRET,
-            stripe_key=Settings(_env_file=None).stripe_key,
+            stripe_key=SANDBOX_STRIPE_KEY,
             video_seconds=video_seconds,
         )
     finally:
@@ -528,7 +528,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 async def amain(args: argparse.Namespace) -> int:
     if args.api:
         # A running stack: the rest of its coordinates come from the same settings it uses.
-        settings = Settings()
+        settings = load_settings()
         target = Target(
             api_url=args.api.rstrip("/"),
             sandbox_url=settings.sandbox_url.rstrip("/"),

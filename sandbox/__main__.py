@@ -5,11 +5,11 @@ from __future__ import annotations
 import uvicorn
 
 from sandbox.app import SandboxConfig, create_app
-from workers.settings import Settings
+from workers.settings import load_settings
 
 
 def main() -> None:
-    settings = Settings()
+    settings = load_settings()
     app = create_app(SandboxConfig.from_settings(settings))
     uvicorn.run(app, host="127.0.0.1", port=settings.sandbox_port)
 

@@ -30,13 +30,24 @@ class SandboxConfig:
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> SandboxConfig:
         """The sandbox that stands in for the providers these settings point at."""
+        from workers.settings import (
+            SANDBOX_STRIPE_KEY,
+            SANDBOX_SUPERDUPERAI_TOKEN,
+            SANDBOX_WEBHOOK_SECRET,
+        )
+
+        # A real provider's secrets never reach the sandbox: with the real webhook secret,
+        # anyone who could reach it could "pay" here and have the API believe it.
+        stripe_sandboxed = settings.stripe_sandboxed
         values: dict[str, Any] = {
             "data_dir": Path(settings.data_dir) / "sandbox",
             "public_url": settings.sandbox_url,
             "webhook_url": settings.public_url.rstrip("/") + "/webhooks/stripe",
-            "webhook_secret": settings.webhook_secret,
-            "stripe_api_key": settings.stripe_key,
-            "superduperai_token": settings.superduperai_key,
+            "webhook_secret": (
+                settings.webhook_secret if stripe_sandboxed else SANDBOX_WEBHOOK_SECRET
+            ),
+            "stripe_api_key": SANDBOX_STRIPE_KEY,
+            "superduperai_token": SANDBOX_SUPERDUPERAI_TOKEN,
             "video_seconds": settings.sandbox_video_seconds,
         }
         return cls(**{**values, **overrides})

@@ -45,9 +45,15 @@ from workers.worker import run_worker
 from workflows import search_attributes as sa
 from workflows.video_order import FINAL_STATUSES, workflow_id
 
-ADMIN_TOKEN = "test-admin-token"
+ADMIN_TOKEN = "test-admin-token-of-at-least-32-chars"
 WEBHOOK_SECRET = "whsec_test_suite"
 VIDEO_SECONDS = 1.5
+
+
+# The suite runs on the sandbox whatever the shell exports (a developer's STRIPE_API_KEY, say);
+# every Settings here is also built with _env_file=None, so no .env reaches it either.
+for _name in [k for k in os.environ if k.lower() in Settings.model_fields]:
+    del os.environ[_name]
 
 
 def free_port() -> int:

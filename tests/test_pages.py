@@ -3,6 +3,8 @@ shares the JSON API's validation (a bad form is a 422 page and starts nothing)."
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import pytest
 
@@ -26,7 +28,16 @@ async def test_order_form_renders(stack: Stack) -> None:
     assert f'<option value="{top}"' in page and f'<option value="{top + 1}"' not in page
     for ratio in ("16:9", "9:16", "1:1"):
         assert f'value="{ratio}"' in page
-    assert "$5.00 per video" in page
+    # Item 5: every model on sale, each with its own price per video; no totals that would
+    # be wrong for another model.
+    assert "<legend>Model</legend>" in page
+    assert "$5.00 per video" in page and "$15.00 per video" in page
+    for model, price in stack.settings.video_model_prices.items():
+        assert f'value="{model}"' in page
+        assert f"{model} <span class=\"muted\">{format_money(price, 'usd')} per video" in page
+    default = stack.settings.default_video_model
+    assert re.search(rf'value="{re.escape(default)}" required\s+checked', page)
+    assert "$10.00" not in page
 
 
 @pytest.mark.parametrize(
@@ -47,6 +58,37 @@ async def test_invalid_form_is_a_422_page_and_starts_nothing(
     assert message in page
     assert f">{form['prompt']}</textarea>" in page  # what the customer typed is kept
     assert await stack.workflows_on_queue() == before
+
+
+async def test_chosen_model_survives_a_form_error_and_makes_the_videos(stack: Stack) -> None:
+    """Item 5: the model picked on the form is kept on an error, charged at its own price
+    and sent to SuperDuperAI."""
+    default = stack.settings.default_video_model
+    model, price = next(
+        (m, p) for m, p in stack.settings.video_model_prices.items() if m != default
+    )
+    form = {"prompt": " ", "model": model, "videos": "2"}
+    page = _html(await stack.http.post("/orders", data=form), 422)
+    assert re.search(rf'value="{re.escape(model)}" required\s+checked', page)
+    assert not re.search(rf'value="{re.escape(default)}" required\s+checked', page)
+
+    resp = await stack.http.post("/orders", data={**form, "prompt": "a glass city at night"})
+    assert resp.status_code == 303
+    session_id = resp.headers["location"].rsplit("/", 1)[1]
+    session = await stack.stripe.v1.checkout.sessions.retrieve_async(session_id)
+    assert session.amount_total == 2 * price
+    order_id = session.client_reference_id
+    page = _html(await stack.http.get(f"/orders/{order_id}"), 200)
+    assert f"<dt>Model</dt><dd>{model}</dd>" in page
+
+    await stack.pay(session_id)
+    done = await stack.wait_for(order_id)
+    assert done["status"] == "completed" and done["model"] == model
+    async with httpx.AsyncClient(base_url=stack.sandbox_url) as sandbox:
+        auth = {"Authorization": f"Bearer {stack.settings.superduperai_key}"}
+        for video in done["videos"]:
+            file = await sandbox.get(f"/superduperai/api/v1/file/{video['file_id']}", headers=auth)
+            assert file.json()["config"]["generation_config_name"] == model
 
 
 async def test_form_pays_on_checkout_and_the_order_page_follows(stack: Stack) -> None:

@@ -26,10 +26,10 @@ async def test_one_video_happy_path(stack: Stack) -> None:
 
     view = await stack.order(order["order_id"])
     assert view["status"] == "awaiting_payment"
-    assert view["amount_total"] == stack.settings.video_price
+    assert view["amount_total"] == stack.settings.default_video_price
     assert view["currency"] == stack.settings.video_currency
     session = await stack.stripe.v1.checkout.sessions.retrieve_async(view["checkout_session_id"])
-    assert session.amount_total == stack.settings.video_price
+    assert session.amount_total == stack.settings.default_video_price
     assert session.client_reference_id == order["order_id"]
 
     resp = await stack.pay(view["checkout_session_id"])
@@ -56,7 +56,7 @@ async def test_three_videos_generate_in_parallel(stack: Stack) -> None:
     order = await _paid_order(stack, videos=3, aspect_ratio="9:16")
     done = await stack.wait_for(order["order_id"])
     assert done["status"] == "completed"
-    assert done["amount_total"] == 3 * stack.settings.video_price
+    assert done["amount_total"] == 3 * stack.settings.default_video_price
     assert [v["status"] for v in done["videos"]] == ["completed"] * 3
     assert len({v["file_id"] for v in done["videos"]}) == 3
     assert await stack.scheduled(order["order_id"], "generate_video") == 3
@@ -69,9 +69,9 @@ async def test_failed_videos_are_refunded_through_stripe(stack: Stack) -> None:
     assert done["status"] == "refunded"
     assert done["refunded_amount"] == done["amount_total"]
     assert all(v["status"] == "failed" and v["error"] for v in done["videos"])
-    assert all(v["refunded_amount"] == stack.settings.video_price for v in done["videos"])
+    assert all(v["refunded_amount"] == stack.settings.default_video_price for v in done["videos"])
     refunds = await stack.refunds(done["payment_intent"])
-    assert sorted(r.amount for r in refunds) == [stack.settings.video_price] * 2
+    assert sorted(r.amount for r in refunds) == [stack.settings.default_video_price] * 2
 
 
 async def test_one_failed_video_of_two_refunds_its_share(stack: Stack) -> None:
@@ -82,10 +82,10 @@ async def test_one_failed_video_of_two_refunds_its_share(stack: Stack) -> None:
     [ok] = [v for v in done["videos"] if v["status"] == "completed"]
     [bad] = [v for v in done["videos"] if v["status"] == "failed"]
     assert ok["url"] and ok["refunded_amount"] == 0
-    assert bad["url"] is None and bad["refunded_amount"] == stack.settings.video_price
-    assert done["refunded_amount"] == stack.settings.video_price
+    assert bad["url"] is None and bad["refunded_amount"] == stack.settings.default_video_price
+    assert done["refunded_amount"] == stack.settings.default_video_price
     refunds = await stack.refunds(done["payment_intent"])
-    assert [r.amount for r in refunds] == [stack.settings.video_price]
+    assert [r.amount for r in refunds] == [stack.settings.default_video_price]
 
 
 async def test_duplicate_and_concurrent_webhooks_act_once(stack: Stack) -> None:
@@ -163,7 +163,7 @@ async def test_payment_after_expiry_is_refunded_in_full(stack: Stack) -> None:
         resp = await http.post(f"/stripe/_sandbox/sessions/{view['checkout_session_id']}/late-pay")
     assert resp.status_code == 200, resp.text
     done = await stack.wait_for(order["order_id"], "refunded")
-    assert done["refunded_amount"] == done["amount_total"] == 2 * stack.settings.video_price
+    assert done["refunded_amount"] == done["amount_total"] == 2 * stack.settings.default_video_price
     assert await stack.scheduled(order["order_id"], "generate_video") == 0
     refunds = await stack.refunds(done["payment_intent"])
     assert [r.amount for r in refunds] == [done["amount_total"]]

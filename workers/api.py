@@ -7,12 +7,12 @@ import logging
 import uvicorn
 
 from api.main import create_app
-from workers.settings import Settings
+from workers.settings import load_settings
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s api %(levelname)s %(message)s")
-    settings = Settings()
+    settings = load_settings()
     uvicorn.run(
         create_app(settings),
         host=settings.api_host,

@@ -41,7 +41,7 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 
-from workers.settings import Settings
+from workers.settings import Settings, load_settings
 from workers.stack import (
     apply_migrations,
     ensure_search_attributes,
@@ -543,7 +543,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return asyncio.run(DevStack(Settings(), args).run())
+    return asyncio.run(DevStack(load_settings(), args).run())
 
 
 if __name__ == "__main__":

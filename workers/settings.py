@@ -1,16 +1,59 @@
-"""The one settings class. Every process reads it from the environment and `.env`."""
+"""The one settings class. Every process reads it from the environment and `.env`.
+
+A provider whose key is unset is sandboxed: it runs against `sandbox/` with the public
+constants below. A provider with a real key never falls back to them; a configuration that
+mixes the two, or lacks a real provider's secrets, is refused when a process starts
+(`load_settings`), with one line naming the variables to fix.
+"""
 
 from __future__ import annotations
 
-from functools import cached_property
+import re
+import sys
+from typing import Any
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# The key the sandbox accepts: a test-mode key so stripe-python treats it as one.
+# Public values, known to anyone who reads this repository: they only ever stand in for a
+# sandboxed provider. The Stripe key is a test-mode key so stripe-python treats it as one.
 SANDBOX_STRIPE_KEY = "sk_test_sandbox"
 SANDBOX_SUPERDUPERAI_TOKEN = "sandbox-token"
 SANDBOX_WEBHOOK_SECRET = "whsec_sandbox"
+SANDBOX_IDEMPOTENCY_SECRET = "orderflow-sandbox-idempotency-secret"
+
+_STRIPE_KEY_RE = re.compile(r"^[sr]k_(live|test)_[A-Za-z0-9]+$")
+_WEBHOOK_SECRET_RE = re.compile(r"^whsec_[A-Za-z0-9+/=_-]+$")
+STRIPE_LIVE_KEY_PREFIXES = ("sk_live_", "rk_live_")
+MIN_SECRET_LENGTH = 32
+DEFAULT_VIDEO_MODELS = "google-cloud/veo3-fast=500,google-cloud/veo3=1500"
+# Stripe's ceiling for one line item's unit_amount.
+MAX_UNIT_AMOUNT = 99_999_999
+_VIDEO_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def parse_video_models(text: str) -> dict[str, int]:
+    """`vendor/model=price,...` as {model: price in minor units}, in the order given."""
+    models: dict[str, int] = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        name, eq, price = (piece.strip() for piece in entry.partition("="))
+        if not eq or not name:
+            raise ValueError(f"{entry!r} is not vendor/model=price")
+        if len(name) > 100 or not _VIDEO_MODEL_RE.match(name):
+            raise ValueError(f"{name!r} is not a model name such as google-cloud/veo3")
+        if name in models:
+            raise ValueError(f"{name} is listed twice")
+        if not (price.isascii() and price.isdigit()) or not 0 < int(price) <= MAX_UNIT_AMOUNT:
+            raise ValueError(
+                f"the price of {name} must be a positive whole number of minor units of "
+                f"VIDEO_CURRENCY (500 means 5.00), not {price!r}"
+            )
+        models[name] = int(price)
+    if not models:
+        raise ValueError("list at least one model, e.g. google-cloud/veo3-fast=500")
+    return models
 
 
 class Settings(BaseSettings):
@@ -37,11 +80,12 @@ class Settings(BaseSettings):
     superduperai_url: str | None = None
     superduperai_token: str | None = None
 
-    video_price: int = Field(default=500, gt=0, description="minor units per video")
+    # The SuperDuperAI generation configs on sale, each with its price per video in minor
+    # units of video_currency; the first is the default.
+    video_models: str = DEFAULT_VIDEO_MODELS
     video_currency: str = "usd"
     max_videos_per_order: int = Field(default=4, ge=1, le=20)
     video_duration: int = 5
-    video_generation_config: str = "google-cloud/veo3-fast"
 
     # Stripe allows a Checkout Session to live between 30 minutes and 24 hours.
     checkout_expires_seconds: int = Field(default=1800, ge=1800, le=86400)
@@ -58,12 +102,171 @@ class Settings(BaseSettings):
     video_start_attempts: int = Field(default=2, ge=1, le=5)
 
     admin_token: str | None = None
+    # Server secret that turns a client's Idempotency-Key into an order id (HMAC).
+    idempotency_secret: str | None = None
     data_dir: str = ".data"
+
+    @field_validator(
+        "stripe_api_key",
+        "stripe_webhook_secret",
+        "stripe_api_base",
+        "superduperai_url",
+        "superduperai_token",
+        "admin_token",
+        "idempotency_secret",
+        mode="before",
+    )
+    @classmethod
+    def _blank_is_unset(cls, v: Any) -> Any:
+        # Compose files and secret stores hand over `VAR=` or a trailing newline; either way
+        # an empty value means "not set", never "set to nothing".
+        if isinstance(v, str):
+            v = v.strip()
+            return v or None
+        return v
+
+    @field_validator("video_models")
+    @classmethod
+    def _video_models(cls, v: str) -> str:
+        parse_video_models(v)
+        return v
 
     @model_validator(mode="after")
     def _lower_currency(self) -> Settings:
         self.video_currency = self.video_currency.lower()
         return self
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        problems = self._problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _problems(self) -> list[str]:
+        """Every reason not to run with these settings, each naming what to change."""
+        problems: list[str] = []
+        if self.admin_token is not None and len(self.admin_token) < MIN_SECRET_LENGTH:
+            problems.append(
+                f"ADMIN_TOKEN must be at least {MIN_SECRET_LENGTH} characters "
+                f"(it has {len(self.admin_token)}); unset it to disable the admin routes"
+            )
+        problems += self._stripe_problems() + self._superduperai_problems()
+        problems += self._idempotency_problems()
+        return problems
+
+    def _stripe_problems(self) -> list[str]:
+        key, secret, base = self.stripe_api_key, self.stripe_webhook_secret, self.stripe_api_base
+        if key is None:
+            host = (urlsplit(base).hostname or "") if base else ""
+            if host == "stripe.com" or host.endswith(".stripe.com"):
+                return [
+                    "STRIPE_API_BASE points at Stripe but STRIPE_API_KEY is unset: set the "
+                    "real key, or unset STRIPE_API_BASE to use the sandbox"
+                ]
+            return []
+        problems = []
+        if key == SANDBOX_STRIPE_KEY:
+            problems.append(
+                "STRIPE_API_KEY is the sandbox's public key: set a real Stripe key, or unset "
+                "it to use the sandbox"
+            )
+        elif not _STRIPE_KEY_RE.match(key):
+            problems.append(
+                "STRIPE_API_KEY is not a Stripe secret or restricted key "
+                "(sk_live_, sk_test_, rk_live_ or rk_test_)"
+            )
+        if secret is None:
+            problems.append(
+                "STRIPE_WEBHOOK_SECRET is required when STRIPE_API_KEY is set (the whsec_ "
+                "signing secret of the webhook endpoint)"
+            )
+        elif secret == SANDBOX_WEBHOOK_SECRET:
+            problems.append(
+                "STRIPE_WEBHOOK_SECRET is the sandbox's public secret: set the signing secret "
+                "of the webhook endpoint"
+            )
+        elif not _WEBHOOK_SECRET_RE.match(secret):
+            problems.append("STRIPE_WEBHOOK_SECRET is not a Stripe webhook signing secret (whsec_)")
+        if base and self._is_sandbox(base):
+            problems.append(
+                "STRIPE_API_BASE points at the sandbox (SANDBOX_URL) while STRIPE_API_KEY is set"
+            )
+        if key.startswith(STRIPE_LIVE_KEY_PREFIXES):
+            if self.superduperai_sandboxed:
+                problems.append(
+                    "SUPERDUPERAI_TOKEN is required with a live STRIPE_API_KEY: live payments "
+                    "would buy the sandbox's sample videos"
+                )
+            if urlsplit(self.public_url).scheme != "https" or self._is_loopback(self.public_url):
+                problems.append(
+                    "PUBLIC_URL must be the shop's public https address with a live "
+                    "STRIPE_API_KEY (customers return there from checkout)"
+                )
+        return problems
+
+    def _superduperai_problems(self) -> list[str]:
+        token, url = self.superduperai_token, self.superduperai_url
+        if token is None:
+            if url and not self._is_sandbox(url):
+                return [
+                    "SUPERDUPERAI_URL is set but SUPERDUPERAI_TOKEN is not: without a token "
+                    "the sandbox makes the videos; set the token or unset SUPERDUPERAI_URL"
+                ]
+            return []
+        problems = []
+        if token == SANDBOX_SUPERDUPERAI_TOKEN:
+            problems.append(
+                "SUPERDUPERAI_TOKEN is the sandbox's public token: set a real token, or unset "
+                "it to use the sandbox"
+            )
+        if url and self._is_sandbox(url):
+            problems.append(
+                "SUPERDUPERAI_URL points at the sandbox (SANDBOX_URL) while SUPERDUPERAI_TOKEN "
+                "is set"
+            )
+        return problems
+
+    def _idempotency_problems(self) -> list[str]:
+        secret = self.idempotency_secret
+        real = [
+            name
+            for name, value in (
+                ("STRIPE_API_KEY", self.stripe_api_key),
+                ("SUPERDUPERAI_TOKEN", self.superduperai_token),
+            )
+            if value is not None
+        ]
+        if secret is None:
+            if not real:
+                return []
+            return [
+                f"IDEMPOTENCY_SECRET is required when {' or '.join(real)} is set (at least "
+                f"{MIN_SECRET_LENGTH} random characters)"
+            ]
+        if real and secret == SANDBOX_IDEMPOTENCY_SECRET:
+            return [
+                "IDEMPOTENCY_SECRET is the sandbox's public value: set a random secret of your "
+                "own"
+            ]
+        if len(secret) < MIN_SECRET_LENGTH:
+            return [
+                f"IDEMPOTENCY_SECRET must be at least {MIN_SECRET_LENGTH} characters "
+                f"(it has {len(secret)})"
+            ]
+        return []
+
+    @staticmethod
+    def _is_loopback(url: str) -> bool:
+        return (urlsplit(url).hostname or "") in _LOOPBACK
+
+    def _is_sandbox(self, url: str) -> bool:
+        """Whether a URL reaches the sandbox's server, however its host is spelled."""
+        there, sandbox = urlsplit(url), urlsplit(self.sandbox_url)
+        if _port(there) != _port(sandbox):
+            return False
+        host, sandbox_host = there.hostname or "", sandbox.hostname or ""
+        return host == sandbox_host or {host, sandbox_host} <= _LOOPBACK
 
     @property
     def stripe_sandboxed(self) -> bool:
@@ -73,11 +276,21 @@ class Settings(BaseSettings):
     def superduperai_sandboxed(self) -> bool:
         return not self.superduperai_token
 
-    @cached_property
-    def stripe_key(self) -> str:
-        return self.stripe_api_key or SANDBOX_STRIPE_KEY
+    @property
+    def production(self) -> bool:
+        """Some provider is real: no sandbox value may stand in for a secret any more."""
+        return not (self.stripe_sandboxed and self.superduperai_sandboxed)
 
-    @cached_property
+    # The properties below return a real provider's own values or fail; they never fall
+    # back to a sandbox constant (model_copy(update=...) skips the validators above).
+
+    @property
+    def stripe_key(self) -> str:
+        if self.stripe_sandboxed:
+            return SANDBOX_STRIPE_KEY
+        return _required(self.stripe_api_key, "STRIPE_API_KEY")
+
+    @property
     def stripe_base(self) -> str:
         if self.stripe_api_base:
             return self.stripe_api_base.rstrip("/")
@@ -85,16 +298,71 @@ class Settings(BaseSettings):
             return f"{self.sandbox_url.rstrip('/')}/stripe"
         return "https://api.stripe.com"
 
-    @cached_property
+    @property
     def webhook_secret(self) -> str:
-        return self.stripe_webhook_secret or SANDBOX_WEBHOOK_SECRET
+        if self.stripe_sandboxed:
+            # The sandbox signs with whatever it is given; tests give it their own.
+            return self.stripe_webhook_secret or SANDBOX_WEBHOOK_SECRET
+        return _required(self.stripe_webhook_secret, "STRIPE_WEBHOOK_SECRET")
 
-    @cached_property
+    @property
     def superduperai_base(self) -> str:
         if self.superduperai_sandboxed:
             return f"{self.sandbox_url.rstrip('/')}/superduperai"
         return (self.superduperai_url or "https://editor.superduperai.co").rstrip("/")
 
-    @cached_property
+    @property
     def superduperai_key(self) -> str:
-        return self.superduperai_token or SANDBOX_SUPERDUPERAI_TOKEN
+        if self.superduperai_sandboxed:
+            return SANDBOX_SUPERDUPERAI_TOKEN
+        return _required(self.superduperai_token, "SUPERDUPERAI_TOKEN")
+
+    @property
+    def idempotency_key_secret(self) -> str:
+        if self.idempotency_secret:
+            return self.idempotency_secret
+        if self.production:
+            raise RuntimeError("IDEMPOTENCY_SECRET is required when a provider's key is set")
+        return SANDBOX_IDEMPOTENCY_SECRET
+
+    @property
+    def video_model_prices(self) -> dict[str, int]:
+        """Model name -> price per video in minor units, in the order offered."""
+        return parse_video_models(self.video_models)
+
+    @property
+    def default_video_model(self) -> str:
+        return next(iter(self.video_model_prices))
+
+    @property
+    def default_video_price(self) -> int:
+        return self.video_model_prices[self.default_video_model]
+
+
+def _required(value: str | None, name: str) -> str:
+    if value is None:
+        raise RuntimeError(f"{name} is required")
+    return value
+
+
+def _port(url: Any) -> int | None:
+    return url.port or {"http": 80, "https": 443}.get(url.scheme)
+
+
+def describe_errors(err: ValidationError) -> str:
+    """A settings ValidationError as one line that names the variables to fix."""
+    parts = []
+    for item in err.errors(include_url=False):
+        message = item["msg"].removeprefix("Value error, ")
+        where = "_".join(str(part) for part in item["loc"]).upper()
+        parts.append(f"{where}: {message}" if where else message)
+    return " ".join("; ".join(parts).split())
+
+
+def load_settings() -> Settings:
+    """The settings of a process about to start, or exit 2 with one line on stderr."""
+    try:
+        return Settings()
+    except ValidationError as err:
+        print(f"orderflow: refusing to start: {describe_errors(err)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

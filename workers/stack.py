@@ -239,9 +239,9 @@ def _main(argv: Sequence[str]) -> int:
     if list(argv) != ["migrate"]:
         print("usage: python -m workers.stack migrate   (applies db/migrations to DATABASE_URL)")
         return 2
-    from workers.settings import Settings
+    from workers.settings import load_settings
 
-    dsn = Settings().database_url
+    dsn = load_settings().database_url
     if not dsn:
         print("DATABASE_URL is not set", file=sys.stderr)
         return 2

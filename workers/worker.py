@@ -18,7 +18,7 @@ from temporalio.worker import Worker
 from activities.payments import StripeActivities
 from activities.postgres import OrderStore, VideoStarts
 from activities.superduperai import HTTP_TIMEOUT, SuperDuperAIActivities
-from workers.settings import Settings
+from workers.settings import Settings, load_settings
 from workflows.video_order import VideoOrderWorkflow
 
 WORKFLOWS = [VideoOrderWorkflow]
@@ -92,7 +92,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     # One line per provider poll would drown everything else.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    settings = Settings()
+    settings = load_settings()
 
     async def _main() -> None:
         stop = asyncio.Event()

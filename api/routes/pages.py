@@ -45,10 +45,11 @@ PAGE_HEADERS = {
 
 ASPECT_RATIOS = get_args(orders.VideoOrderCreate.model_fields["aspect_ratio"].annotation)
 ASPECT_LABELS = {"16:9": "Landscape", "9:16": "Portrait", "1:1": "Square"}
-FORM_FIELDS = ("prompt", "videos", "aspect_ratio", "email")
+FORM_FIELDS = ("prompt", "model", "videos", "aspect_ratio", "email")
 FORM_DEFAULTS = {"videos": "1", "aspect_ratio": ASPECT_RATIOS[0]}
 FIELD_LABELS = {
     "prompt": "Prompt",
+    "model": "Model",
     "videos": "Number of videos",
     "aspect_ratio": "Aspect ratio",
     "email": "Email",
@@ -146,11 +147,11 @@ def _form_page(
     status: int = 200,
 ) -> Response:
     context = {
-        "values": {**FORM_DEFAULTS, **values},
+        "values": {**FORM_DEFAULTS, "model": settings.default_video_model, **values},
         "errors": errors or [],
         "invalid": invalid,
         "max_videos": settings.max_videos_per_order,
-        "price": settings.video_price,
+        "models": settings.video_model_prices,
         "currency": settings.video_currency,
         "aspect_ratios": [(r, ASPECT_LABELS.get(r, r)) for r in ASPECT_RATIOS],
     }
