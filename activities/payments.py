@@ -1,10 +1,13 @@
 """Stripe: Checkout Sessions, payments and refunds, through stripe-python's StripeClient.
 
-Refunds must never double. Stripe replays an idempotency key's first answer for about a
-day, a 500 included, so a key that met a 500 would fail every retry for that long. Each
-attempt therefore sends a key of its own, and every attempt after the first looks for the
-refund an earlier one may already have made (the refund's metadata carries the order's
-refund key) before making one.
+Refunds must never double. Every attempt of one round sends the same idempotency key, so
+a request still in flight at Stripe (a timeout, a cancelled attempt) answers a retry with
+409 or replays its outcome instead of refunding again. Stripe replays a key's first answer
+for about a day, a 500 included: once a 500 comes back marked as replayed, the request it
+replays has finished, so the next attempt moves to a fresh key (its generation is kept in
+the attempt's heartbeat details). Every attempt after the first, and every operator's
+round, first looks for the refund an earlier one may already have made (its metadata
+carries the refund's key) and returns it.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ class RefundRequest:
     reason: str
     # How many times the workflow has scheduled this refund (an operator's retry adds one).
     round: int = 1
+    # Look for an earlier refund before the first attempt too (another run may have made it).
+    may_exist: bool = False
 
 
 @dataclass
@@ -73,6 +78,11 @@ class RefundResult:
 REFUND_KEY_METADATA = "refund_key"
 # Refunds Stripe reports as these did not move money; the refund may be made again.
 _DEAD_REFUND_STATUSES = frozenset({"failed", "canceled"})
+
+
+def _replayed(err: stripe.StripeError) -> bool:
+    headers = err.headers or {}
+    return any(k.lower() == "idempotent-replayed" and v == "true" for k, v in headers.items())
 
 
 def _non_retryable(err: stripe.StripeError) -> bool:
@@ -169,9 +179,10 @@ class StripeActivities:
 
     @activity.defn
     async def refund(self, req: RefundRequest) -> RefundResult:
-        attempt = activity.info().attempt
+        info = activity.info()
+        generation = int(info.heartbeat_details[0]) if info.heartbeat_details else 0
         try:
-            if attempt > 1 or req.round > 1:
+            if info.attempt > 1 or req.round > 1 or req.may_exist:
                 # An earlier attempt may have made the refund and lost the answer.
                 found = await self._find_refund(req.payment_intent, req.idempotency_key)
                 if found is not None:
@@ -187,11 +198,15 @@ class StripeActivities:
                         REFUND_KEY_METADATA: req.idempotency_key,
                     },
                 },
-                {"idempotency_key": f"{req.idempotency_key}:{req.round}:{attempt}"},
+                {"idempotency_key": f"{req.idempotency_key}:{req.round}:{generation}"},
             )
         except stripe.StripeError as err:
             if _non_retryable(err):
                 raise _application_error(err, f"a refund of {req.amount}") from err
+            if (err.http_status or 0) >= 500 and _replayed(err):
+                # That key is spent on a finished failure: the next attempt, after looking
+                # for a refund it may have made after all, uses a fresh one.
+                activity.heartbeat(generation + 1)
             raise
         return RefundResult(refund_id=refund.id, amount=refund.amount, status=refund.status or "")
 

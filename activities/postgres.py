@@ -98,11 +98,13 @@ class VideoStarts:
             index,
         )
 
-    async def confirm(self, order_id: str, index: int, file_id: str) -> None:
-        await self._pool.execute(
+    async def confirm(self, order_id: str, index: int, file_id: str) -> str:
+        """Stores the file an answer named; returns the video's file, the first one stored."""
+        return await self._pool.fetchval(
             """
-            UPDATE video_starts SET file_id = $3, updated_at = now()
-            WHERE order_id = $1 AND video_index = $2 AND file_id IS NULL
+            UPDATE video_starts SET file_id = coalesce(file_id, $3), updated_at = now()
+            WHERE order_id = $1 AND video_index = $2
+            RETURNING file_id
             """,
             order_id,
             index,

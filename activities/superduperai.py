@@ -117,7 +117,8 @@ class SuperDuperAIActivities:
         activity.heartbeat(VideoProgress(file_id=file_id, status="pending", progress=0))
         window_ends = time.monotonic() + req.poll_window_seconds
         while True:
-            resp = await self._http.get(f"/api/v1/file/{file_id}")
+            async with asyncio.timeout(HTTP_TIMEOUT_SECONDS):
+                resp = await self._http.get(f"/api/v1/file/{file_id}")
             _raise_for_status(resp, f"file {file_id}")
             file = resp.json()
             status, progress, error = _task_state(file)
@@ -176,12 +177,17 @@ class SuperDuperAIActivities:
         # that does not.
         headers = {"Idempotency-Key": f"{req.order_id}:{req.index}"}
         try:
-            resp = await self._http.post("/api/v1/file/generate-video", json=body, headers=headers)
-        except (httpx.ConnectError, httpx.ConnectTimeout):
+            # httpx bounds each phase of a call (pool, connect, write, read) on its own; this
+            # bounds the whole call, so it always ends inside the heartbeat timeout.
+            async with asyncio.timeout(HTTP_TIMEOUT_SECONDS):
+                resp = await self._http.post(
+                    "/api/v1/file/generate-video", json=body, headers=headers
+                )
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout):
             # Never reached the provider.
             await self._starts.release(req.order_id, req.index)
             raise
-        except httpx.TransportError as err:
+        except (httpx.TransportError, TimeoutError) as err:
             raise ApplicationError(
                 f"generate-video went unanswered ({type(err).__name__})",
                 type="StartUnanswered",
@@ -193,5 +199,6 @@ class SuperDuperAIActivities:
         # The API answers with the file, or a list of files for multi-output configs.
         file = data[0] if isinstance(data, list) else data
         file_id = str(file["id"])
-        await self._starts.confirm(req.order_id, req.index, file_id)
-        return file_id
+        # Heartbeated first: if the write below fails, the next attempt still resumes it.
+        activity.heartbeat(VideoProgress(file_id=file_id, status="pending", progress=0))
+        return await self._starts.confirm(req.order_id, req.index, file_id)

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import hashlib
+import hmac
+import json
+import logging
 import re
 import secrets
 from datetime import timedelta
@@ -23,7 +28,7 @@ from temporalio.common import (
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.errors import ApiError
@@ -43,9 +48,14 @@ from workflows.video_order import (
     workflow_id,
 )
 
+log = logging.getLogger(__name__)
+
 ORDER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 SESSION_ID_RE = re.compile(r"^cs_[A-Za-z0-9_]{1,250}$")
 _EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{2,63}$")
+_IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
+# The error type of the checkout update's validator: a key reused with another body.
+IDEMPOTENCY_CONFLICT = "IdempotencyConflict"
 # A query needs a worker; without one, answer soon instead of holding the request.
 QUERY_TIMEOUT = timedelta(seconds=5)
 # Bounds how long POST /api/video-orders waits for Stripe before telling the client to retry.
@@ -85,7 +95,32 @@ def order_page_url(settings: Settings, order_id: str) -> str:
     return f"{settings.public_url.rstrip('/')}/orders/{order_id}"
 
 
-def new_order(settings: Settings, body: VideoOrderCreate) -> VideoOrderInput:
+def keyed_order_id(settings: Settings, key: str) -> str:
+    """The order id an Idempotency-Key stands for: 128 bits of an HMAC with a server secret,
+    so concurrent retries meet on one workflow id, and nobody can compute an order's id (its
+    only credential) from a key without the secret."""
+    if not _IDEMPOTENCY_KEY_RE.fullmatch(key):
+        raise ApiError(
+            400,
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1-255 visible ASCII characters, such as a UUID",
+        )
+    digest = hmac.new(settings.idempotency_key_secret.encode(), key.encode(), hashlib.sha256)
+    return base64.urlsafe_b64encode(digest.digest()).decode()[:22]
+
+
+def request_fingerprint(body: VideoOrderCreate, model: str) -> str:
+    """What a keyed request asked for, after validation: a retry that leaves out the default
+    model, say, is the same request."""
+    canonical = json.dumps(
+        {**body.model_dump(), "model": model}, sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def new_order(
+    settings: Settings, body: VideoOrderCreate, idempotency_key: str | None = None
+) -> VideoOrderInput:
     if body.videos > settings.max_videos_per_order:
         raise ApiError(
             422,
@@ -96,7 +131,12 @@ def new_order(settings: Settings, body: VideoOrderCreate) -> VideoOrderInput:
     model = body.model or settings.default_video_model
     if model not in prices:
         raise ApiError(422, "invalid_request", f"model: choose one of {', '.join(prices)}")
-    order_id = secrets.token_urlsafe(16)  # 128 random bits: the order's only credential
+    fingerprint = None
+    if idempotency_key is None:
+        order_id = secrets.token_urlsafe(16)  # 128 random bits: the order's only credential
+    else:
+        order_id = keyed_order_id(settings, idempotency_key)
+        fingerprint = request_fingerprint(body, model)
     page = order_page_url(settings, order_id)
     return VideoOrderInput(
         order_id=order_id,
@@ -117,6 +157,60 @@ def new_order(settings: Settings, body: VideoOrderCreate) -> VideoOrderInput:
         refund_retry_seconds=settings.refund_retry_seconds,
         video_start_attempts=settings.video_start_attempts,
         email=body.email,
+        request_fingerprint=fingerprint,
+    )
+
+
+@dataclasses.dataclass
+class CreatedOrder:
+    order_id: str
+    checkout_url: str | None  # None once the order is past paying
+    replayed: bool  # the order existed before this request (same Idempotency-Key)
+
+
+async def create_order(client: Client, settings: Settings, order: VideoOrderInput) -> CreatedOrder:
+    """Starts the order; for a keyed one that exists already, answers with that order."""
+    if order.request_fingerprint is None:
+        checkout = await start_order(client, settings, order)
+        return CreatedOrder(order.order_id, checkout.checkout_url, replayed=False)
+    handle = client.get_workflow_handle_for(VideoOrderWorkflow.run, workflow_id(order.order_id))
+    try:
+        desc: WorkflowExecutionDescription | None = await handle.describe()
+    except RPCError as err:
+        if err.status != RPCStatusCode.NOT_FOUND:
+            raise unavailable(err) from err
+        desc = None
+    if desc is None or desc.status == WorkflowExecutionStatus.RUNNING:
+        try:
+            # A running order checks the fingerprint in the update's validator.
+            checkout = await start_order(client, settings, order)
+        except WorkflowAlreadyStartedError:
+            pass  # it closed in the meantime
+        else:
+            status = desc.typed_search_attributes.get(sa.ORDER_STATUS) if desc else None
+            paying = status in (None, "awaiting_payment")
+            return CreatedOrder(
+                order.order_id, checkout.checkout_url if paying else None, desc is not None
+            )
+    # Closed: the id is never started again (REJECT_DUPLICATE), so a retry gets the order
+    # it made, which its status URL shows, or a 409 if it asked for something else.
+    try:
+        async for event in handle.fetch_history_events(page_size=1):
+            started = event.workflow_execution_started_event_attributes
+            break
+        [earlier] = await client.data_converter.decode(started.input.payloads, [VideoOrderInput])
+    except RPCError as err:
+        raise unavailable(err) from err
+    if earlier.request_fingerprint != order.request_fingerprint:
+        raise _idempotency_conflict()
+    return CreatedOrder(order.order_id, None, replayed=True)
+
+
+def _idempotency_conflict() -> ApiError:
+    return ApiError(
+        409,
+        "idempotency_conflict",
+        "this Idempotency-Key was already used for a different order; use a new key",
     )
 
 
@@ -126,6 +220,9 @@ async def start_order(client: Client, settings: Settings, order: VideoOrderInput
         order,
         id=workflow_id(order.order_id),
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        # A closed order stays closed: a late retry with its Idempotency-Key must not buy
+        # the same videos again (payment_for_closed_order starts its refunding run itself).
+        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
         task_queue=settings.task_queue,
         search_attributes=TypedSearchAttributes(
             [
@@ -137,11 +234,16 @@ async def start_order(client: Client, settings: Settings, order: VideoOrderInput
     try:
         return await asyncio.wait_for(
             client.execute_update_with_start_workflow(
-                VideoOrderWorkflow.checkout, start_workflow_operation=start
+                VideoOrderWorkflow.checkout,
+                order.request_fingerprint,
+                start_workflow_operation=start,
             ),
             CHECKOUT_WAIT_SECONDS,
         )
     except WorkflowUpdateFailedError as err:
+        cause = err.cause
+        if isinstance(cause, ApplicationError) and cause.type == IDEMPOTENCY_CONFLICT:
+            raise _idempotency_conflict() from err
         # Stripe's own words stay in the order's view for operators.
         raise ApiError(502, "checkout_failed", CUSTOMER_WORDS["checkout_failed"]) from err
     except TimeoutError as err:
@@ -151,11 +253,19 @@ async def start_order(client: Client, settings: Settings, order: VideoOrderInput
 
 
 def unavailable(err: RPCError) -> ApiError:
-    return ApiError(503, "temporal_unavailable", f"order service unreachable: {err.message}")
+    log.warning("temporal call failed: %s %s", err.status, err.message)
+    return ApiError(503, "temporal_unavailable", "order service unreachable; retry shortly")
 
 
 async def read_order(client: Client, order_id: str, *, admin: bool = False) -> dict[str, Any]:
-    """The order's view, with live generation progress from the running activities.
+    return (await read_order_state(client, order_id, admin=admin))[0]
+
+
+async def read_order_state(
+    client: Client, order_id: str, *, admin: bool = False
+) -> tuple[dict[str, Any], bool]:
+    """The order's view, with live generation progress from the running activities, and
+    whether its workflow is still running (a closed one's view changes no more).
 
     Progress is heartbeated by the activities rather than signalled, so that polling adds
     nothing to the workflow's history; describe() exposes those heartbeats.
@@ -183,7 +293,7 @@ async def read_order(client: Client, order_id: str, *, admin: bool = False) -> d
     data = order_json(view, admin=admin)
     if view.status == "generating":
         await _merge_progress(client, desc, data)
-    return data
+    return data, desc.status == WorkflowExecutionStatus.RUNNING
 
 
 async def _merge_progress(client: Client, desc: WorkflowExecutionDescription, data: dict) -> None:
@@ -217,8 +327,13 @@ def order_json(view: OrderView, *, admin: bool = False) -> dict[str, Any]:
     if admin:
         return data
     del data["problems"]
+    # Orders from before error codes existed kept the provider's words in `error`.
+    if data["error"] and not data["error_code"]:
+        data["error"] = "This order could not be completed."
     for video in data["videos"]:
         del video["detail"]
+        if video["error"] and not video["error_code"]:
+            video["error"] = CUSTOMER_WORDS["generation_failed"]
     data["refunds"] = [
         {k: r[k] for k in ("amount", "reason", "status", "video_index")} for r in data["refunds"]
     ]
@@ -305,6 +420,9 @@ async def payment_for_closed_order(client: Client, order_id: str, event: StripeE
             # Failed, terminated or timed out: its last state comes from a replay.
             view = await handle.query(VideoOrderWorkflow.view, rpc_timeout=QUERY_TIMEOUT)
         if event.payment_intent is not None and view.payment_intent == event.payment_intent:
+            return True
+        if event.session_id != view.checkout_session_id:
+            log.warning("paid event for order %s names another session", order_id)
             return True
         history = await handle.fetch_history()
         started = history.events[0].workflow_execution_started_event_attributes

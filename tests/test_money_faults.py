@@ -253,3 +253,38 @@ async def test_every_client_call_ends_inside_its_activity_timeouts(stack: Stack)
     # Every Stripe activity gets the same 30 s start-to-close as the checkout.
     checkout = scheduled["create_checkout_session"].start_to_close_timeout.ToTimedelta()
     assert stripe_seconds * stripe_tries < checkout.total_seconds()
+
+
+async def test_refund_meeting_a_replayed_500_moves_to_a_fresh_key(stack: Stack) -> None:
+    """Item 2: Stripe answers 500 and replays that 500 for the key; the next attempt finds
+    no refund was made and refunds under a fresh key: one refund, no stall."""
+    order = await stack.create_order(prompt=f"hail {uuid.uuid4().hex} #fail")
+    await stack.fault("refund", order["order_id"], "error", times=1)
+    await _pay(stack, order)
+    done = await stack.wait_for(order["order_id"])
+    assert done["status"] == "refunded"
+    assert [r.amount for r in await stack.refunds(done["payment_intent"])] == [
+        done["amount_total"]
+    ]
+
+
+async def test_payment_after_an_operator_settled_the_order_is_refunded(stack: Stack) -> None:
+    """Item 3: the operator settled an order whose payment Stripe could not confirm; then
+    the payment arrives after all. Whether it finds the workflow closing or closed, it is
+    refunded in full."""
+    order = await stack.create_order()
+    order_id = order["order_id"]
+    view = await stack.order(order_id)
+    await stack.fault("session", view["checkout_session_id"], "forbidden")
+    await _expire(stack, order_id)
+    await stack.wait_for(order_id, "needs_attention")
+    resp = await stack.admin(
+        "POST", f"/video-orders/{order_id}/mark-settled", json={"reason": "customer left"}
+    )
+    assert resp.status_code == 200, resp.text
+    await _late_pay(stack, view["checkout_session_id"])
+    done = await stack.wait_for(order_id, "refunded")
+    assert done["refunded_amount"] == done["amount_total"]
+    assert [r.amount for r in await stack.refunds(done["payment_intent"])] == [
+        done["amount_total"]
+    ]

@@ -22,7 +22,7 @@ from workers.settings import Settings, load_settings
 from workflows.video_order import VideoOrderWorkflow
 
 WORKFLOWS = [VideoOrderWorkflow]
-STRIPE_HTTP_TIMEOUT_SECONDS = 12.0
+STRIPE_HTTP_TIMEOUT_SECONDS = 10.0
 # On SIGTERM the worker stops polling and gives running attempts this long: enough for a
 # start call or a Stripe call to finish (generation polls end their window at once).
 GRACEFUL_SHUTDOWN = timedelta(seconds=20)
@@ -39,8 +39,8 @@ async def activities(settings: Settings) -> AsyncIterator[list]:
         headers={"Authorization": f"Bearer {settings.superduperai_key}"},
         timeout=HTTP_TIMEOUT,
     )
-    # With one network retry a Stripe call ends within ~2x this, inside the 30 s
-    # start-to-close timeout of every Stripe activity.
+    # With one network retry a Stripe call ends within ~2x this; a refund attempt makes two
+    # calls, inside its 60 s start-to-close timeout (30 s for the one-call activities).
     stripe_http = stripe.HTTPXClient(timeout=STRIPE_HTTP_TIMEOUT_SECONDS)
     stripe_client = stripe.StripeClient(
         settings.stripe_key,

@@ -63,6 +63,10 @@ REFUND_RETRY = RetryPolicy(
     backoff_coefficient=2.0,
     maximum_interval=timedelta(minutes=5),
 )
+# The outbox write at the end; past this the order closes without its note.
+NOTIFY_TIMEOUT = timedelta(hours=1)
+# workflow.patched() id: a payment left unused when the order ends is refunded.
+REFUND_UNCLAIMED_PAYMENT = "refund-unclaimed-payment"
 # Reading the session at expiry: past this, the order says it needs attention (it stays
 # open and keeps listening for the payment) instead of guessing that nothing was paid.
 SETTLE_TIMEOUT = timedelta(minutes=10)
@@ -142,6 +146,7 @@ class RefundView:
     refund_id: str | None = None
     rounds: int = 0
     detail: str | None = None  # why it failed, in Stripe's words: operators only
+    may_exist: bool = False  # look for it at Stripe before the first attempt too
 
 
 @dataclass
@@ -215,6 +220,9 @@ class VideoOrderInput:
     # run starts from the closed run's view and refunds that payment (see run()).
     stray_payment: StripeEvent | None = None
     previous_view: OrderView | None = None
+    # Orders made with an Idempotency-Key: what the request asked for (a hash), so that a
+    # retry with the same key but another request is refused (see the checkout validator).
+    request_fingerprint: str | None = None
 
 
 
@@ -241,6 +249,8 @@ class VideoOrderWorkflow:
         self._payment_failed = False
         self._expiry_reported = False
         self._actions: list[_OperatorAction] = []
+        # Whether the order acted on self._payment (generated, or refunded it).
+        self._payment_claimed = False
         self._awaiting_operator = False
         # The API starts orders with OrderKind set, which proves the namespace defines the
         # order attributes; an order started without it (an operator's manual start on a
@@ -251,7 +261,7 @@ class VideoOrderWorkflow:
     # --- messages -------------------------------------------------------------------
 
     @workflow.update
-    async def checkout(self) -> CheckoutInfo:
+    async def checkout(self, fingerprint: str | None = None) -> CheckoutInfo:
         """Returns the Checkout URL as soon as the session exists (the API's early return)."""
         await workflow.wait_condition(
             lambda: self._view.checkout_url is not None or self._view.status == "failed"
@@ -263,6 +273,15 @@ class VideoOrderWorkflow:
             checkout_url=self._view.checkout_url,
             checkout_session_id=self._view.checkout_session_id or "",
         )
+
+    @checkout.validator
+    def _check_checkout(self, fingerprint: str | None = None) -> None:
+        # Rejected before it enters history: another request under the same key (the same
+        # order id) gets nothing from this order.
+        if fingerprint is not None and fingerprint != self._order.request_fingerprint:
+            raise ApplicationError(
+                "this Idempotency-Key was used for a different order", type="IdempotencyConflict"
+            )
 
     @workflow.signal
     def stripe_event(self, event: StripeEvent) -> None:
@@ -341,6 +360,15 @@ class VideoOrderWorkflow:
                 await self._listen_for_late_payment()
         await self._notify()
         await workflow.wait_condition(workflow.all_handlers_finished)
+        # A payment that came in after the last wait for one (the late-payment window over,
+        # an operator's settlement, during the notification) is refunded, never dropped: the
+        # webhook that brought it was answered 200. Runs that closed before this rule
+        # existed replay without it.
+        if self._payment is not None and not self._payment_claimed:
+            if workflow.patched(REFUND_UNCLAIMED_PAYMENT):
+                await self._refund_stray_payment(self._payment)
+                await self._notify()
+                await workflow.wait_condition(workflow.all_handlers_finished)
         return self._view
 
     async def _create_checkout(self) -> bool:
@@ -498,6 +526,7 @@ class VideoOrderWorkflow:
             return
         payment = self._payment
         assert payment is not None
+        self._payment_claimed = True
         amount = payment.amount_total or self._view.amount_total
         self._view.payment_intent = payment.payment_intent
         # Money came in: the page must stop saying that nothing was charged. (View only:
@@ -510,13 +539,18 @@ class VideoOrderWorkflow:
         """Stripe took a payment for this order after its previous run had closed (an
         expired or failed order): the customer gets it back in full, never silence."""
         self._payment = payment
+        self._payment_claimed = True
         self._seen_events.add(payment.event_id)
         self._view.payment_intent = payment.payment_intent
         self._view.error = self._view.error_code = None
         self._view.status = "refunding"  # the API started this run with that search attribute
         amount = payment.amount_total or self._view.amount_total
+        # Another run of this order may have refunded this payment already: look first.
         await self._refund(
-            amount, f"payment:{payment.payment_intent}", reason="paid after the order closed"
+            amount,
+            f"payment:{payment.payment_intent}",
+            reason="paid after the order closed",
+            may_exist=True,
         )
         self._set_status("settled" if await self._settle_refunds() else "refunded")
 
@@ -594,7 +628,12 @@ class VideoOrderWorkflow:
         await self._refund(order.unit_amount, f"video-{video.index}", reason=code, video=video)
 
     async def _refund(
-        self, amount: int, key: str, reason: str, video: VideoView | None = None
+        self,
+        amount: int,
+        key: str,
+        reason: str,
+        video: VideoView | None = None,
+        may_exist: bool = False,
     ) -> bool:
         refund = RefundView(
             key=f"{workflow.info().workflow_id}:refund:{key}",
@@ -602,6 +641,7 @@ class VideoOrderWorkflow:
             reason=reason,
             status="pending",
             video_index=None if video is None else video.index,
+            may_exist=may_exist,
         )
         self._view.refunds.append(refund)
         return await self._run_refund(refund)
@@ -623,8 +663,10 @@ class VideoOrderWorkflow:
                     order_id=self._order.order_id,
                     reason=refund.reason,
                     round=refund.rounds,
+                    may_exist=refund.may_exist,
                 ),
-                start_to_close_timeout=timedelta(seconds=30),
+                # Two Stripe calls (look for an earlier refund, make one), each bounded.
+                start_to_close_timeout=timedelta(seconds=60),
                 schedule_to_close_timeout=timedelta(seconds=self._order.refund_retry_seconds),
                 retry_policy=REFUND_RETRY,
             )
@@ -674,6 +716,10 @@ class VideoOrderWorkflow:
         self._awaiting_operator = False
         self._view.attention_code = self._view.attention = None
         action = self._actions.pop(0) if self._actions else None
+        if action is not None and action.kind == "settle" and also is not None and also():
+            # The payment came in the same moment: it decides, the settlement does not.
+            self._problem(f"settlement ignored, a payment arrived with it: {action.reason}")
+            action = None
         if action is not None and action.kind == "settle":
             self._view.settlement = Settlement(reason=action.reason, at=workflow.now().isoformat())
             self._touch()
@@ -683,6 +729,13 @@ class VideoOrderWorkflow:
 
     async def _notify(self) -> None:
         view = self._view
+        try:
+            await self._record_notification(view)
+        except ActivityError as err:
+            # The order's outcome stands; only the note about it is lost.
+            self._problem(f"notification not recorded: {_cause(err)}")
+
+    async def _record_notification(self, view: OrderView) -> None:
         await workflow.execute_activity_method(
             OrderStore.record_notification,
             Notification(
@@ -698,6 +751,7 @@ class VideoOrderWorkflow:
                 },
             ),
             start_to_close_timeout=timedelta(seconds=15),
+            schedule_to_close_timeout=NOTIFY_TIMEOUT,
             retry_policy=SERVICE_RETRY,
         )
 
@@ -711,6 +765,7 @@ class VideoOrderWorkflow:
 
     def _mark_paid(self) -> None:
         assert self._payment is not None
+        self._payment_claimed = True
         self._view.payment_intent = self._payment.payment_intent
         # Generation starts in this same workflow task, so operators only ever see
         # "generating": the search attribute is not written twice.
