@@ -37,7 +37,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[local,test]'
 	@touch $@
 
 # Removes the virtualenv and caches; keeps .data (the dev stack's orders).

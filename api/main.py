@@ -12,7 +12,9 @@ from fastapi import FastAPI
 from temporalio.client import Client
 
 from api.errors import ApiError, install_error_handlers
+from api.ratelimit import OrderRateLimit
 from api.routes import admin, pages, video_orders, webhooks
+from api.streams import OrderStreams
 from workers.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,13 +55,18 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with contextlib.suppress(ApiError):
             await connect_temporal()
-        yield
+        try:
+            yield
+        finally:
+            app.state.streams.close()
 
     app = FastAPI(title="orderflow", lifespan=lifespan)
     app.state.settings = settings
     app.state.temporal = temporal
     app.state.connect_temporal = connect_temporal
     app.state.acknowledged_events = webhooks.RecentIds(ACKNOWLEDGED_EVENTS_KEPT)
+    app.state.order_rate = OrderRateLimit(settings)
+    app.state.streams = OrderStreams(settings)
     install_error_handlers(app)
     for router in (video_orders.router, webhooks.router, admin.router, pages.router):
         app.include_router(router)

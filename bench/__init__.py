@@ -1,1 +1,1 @@
-"""Benchmarks that print figures: `python -m bench.orders --help`."""
+"""Benchmarks that print figures next to baselines from the same run: `python -m bench --help`."""

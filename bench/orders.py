@@ -1,22 +1,43 @@
-"""Push concurrent video orders through a real stack and print what it costs.
+"""Video orders on a real stack, each figure next to a baseline measured in the same run.
 
-    python -m bench.orders --orders 50 --videos 1
-    python -m bench.orders --orders 50 --videos 3
-    python -m bench.orders --api http://127.0.0.1:8000     # against `make dev`
+    python -m bench                                   # everything, on a throwaway stack
+    python -m bench --concurrency 50 --orders 200 --videos 3
+    python -m bench --api http://127.0.0.1:8000       # against a running `make dev`
 
-By default the bench starts a throwaway stack of its own (`python -m workers.dev` with a
-fresh data dir, free ports and 1 s sandbox generations) and removes it afterwards, so it
-never touches the orders of a running `make dev`.
+By default the bench starts a stack of its own (`python -m workers.dev` with a fresh data
+dir, free ports, sandbox generations of 0.05 s polled every 0.05 s) and removes it
+afterwards, so it never touches the orders of a running `make dev`. It prints one table:
+figure | measured | baseline | ratio | target | verdict. What each figure is:
 
-Each order goes the customer's way: create -> pay on the sandbox's hosted checkout ->
-poll the order every 100 ms until it is final. Webhooks are timed twice, 50 concurrent
-deliveries at a time: first deliveries, new events for the orders while they await
-payment (each a real signal to a running workflow), and redeliveries of the sandbox's real
-`checkout.session.completed` events once the orders are done, the way Stripe retries.
-Last, every order's workflow history is fetched from Temporal to count events.
-
-Targets: at most 40 history events for a one-video order plus 10 per extra video, and
-webhook p99 under 50 ms with 50 concurrent deliveries.
+a. Throughput. `--orders` video orders, `--concurrency` in flight at a time, each the
+   customer's way: POST /api/video-orders (update-with-start, early return at checkout),
+   pay on the sandbox's hosted checkout (which delivers the signed webhook that signals the
+   workflow), until the workflow's result. Baseline: bench/skeleton.py, a workflow of the
+   same shape whose activities do nothing, on its own worker and task queue in this process
+   and on the same Temporal server, started with update-with-start and paid with a signal
+   from a client here, at the same concurrency (run before and after the video orders; the
+   mean of the two). With generation cut to the minimum, the ratio is what everything but
+   the orchestration costs: the API, the webhook hop, the sandbox standing in for Stripe
+   and SuperDuperAI, Postgres, real activity bodies and their round trips. Target >= 0.8x.
+   The same runs give payment -> final and history events per order, video vs skeleton.
+b. Webhook first delivery. `--concurrency` open orders each get a new signed
+   `checkout.session.completed` (payment still pending, so each is a real signal to a running
+   workflow that changes nothing) over raw sockets, all at once, `--rounds` times. Baseline:
+   the same signal to the same orders at the same concurrency, sent with
+   `handle.signal(...)` by a Temporal client in this process. Rounds alternate. The ratio is
+   the cost of the HTTP hop, the signature check and the API. Target p99 <= 1.5x.
+   Redeliveries of the sandbox's real events are timed too (answered without Temporal).
+c. Payment -> the order page's stream. The same orders, each with its page's event stream
+   (GET /api/video-orders/{id}/events) open; each is paid on the sandbox's hosted checkout,
+   one every `--pay-gap` s; the delay runs from sending the payment to the stream showing a
+   status past `awaiting_payment`. That is `generating`: the workflow marks the order paid
+   and starts generating in the same workflow task, so `paid` is never visible to a read.
+   Target p99 < 300 ms.
+d. Watchers. `--concurrency` fresh orders, first one stream each, then `--watchers` streams
+   spread over the same orders. Temporal reads per second (the API's
+   `order_reads_total`, GET /api/admin/metrics) over `--window` s with each, then the
+   orders are paid as in c and the delay until every watcher of an order has the change is
+   taken. Target: reads grow with orders, not watchers (ratio ~1x, at most 1.5x).
 """
 
 from __future__ import annotations
@@ -25,326 +46,69 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import shutil
-import signal
-import socket
+import math
 import statistics
-import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle
 
+from bench import skeleton
+from bench.stack import Target, log, own_stack, running_stack
+from bench.wire import OrderStream, RawConnection
 from sandbox.stripe_events import sign
-from workers.settings import SANDBOX_STRIPE_KEY, load_settings
-from workers.stack import REPO_ROOT, stop_embedded_postgres
-from workflows.video_order import FINAL_STATUSES
+from workflows.video_order import StripeEvent, VideoOrderWorkflow, workflow_id
 
-POLL_SECONDS = 0.1
-BENCH_WEBHOOK_SECRET = "whsec_bench"
 EVENTS_TARGET_FIRST = 40
 EVENTS_TARGET_EXTRA = 10
-WEBHOOK_P99_TARGET_MS = 50.0
-
-
-@dataclass
-class Target:
-    api_url: str
-    sandbox_url: str
-    temporal_address: str
-    namespace: str
-    webhook_secret: str
-    stripe_key: str
-    video_seconds: float | None
+THROUGHPUT_TARGET = 0.8
+WEBHOOK_RATIO_TARGET = 1.5
+REDELIVERY_P99_TARGET_MS = 50.0
+STREAM_P99_TARGET_MS = 300.0
+READS_RATIO_TARGET = 1.5
+PROMPT = "a lighthouse in a storm, cinematic"
+AWAITING = "awaiting_payment"
 
 
 @dataclass
 class OrderRun:
-    order_id: str
-    created_at: float
+    order_id: str = ""
+    started_at: float = 0.0
     paid_at: float | None = None
     final_at: float | None = None
     status: str = "new"
     error: str | None = None
-    checkout_url: str = ""
 
 
-def log(message: str) -> None:
-    print(f"bench | {message}", file=sys.stderr, flush=True)
+@dataclass
+class OpenOrder:
+    """An order awaiting payment: what its customer and Stripe know about it."""
+
+    order_id: str
+    session_id: str
+    pay_path: str
 
 
-# --- a stack of our own ---------------------------------------------------------------
+@dataclass
+class Row:
+    figure: str
+    measured: str
+    baseline: str = "-"
+    ratio: str = "-"
+    target: str = "-"
+    verdict: str = "-"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-# Anything that would point the throwaway stack at real providers or at existing
-# infrastructure: the bench measures the sandboxed stack it starts, nothing else.
-_STRIPPED_ENV = (
-    "TEMPORAL_ADDRESS",
-    "DATABASE_URL",
-    "STRIPE_API_KEY",
-    "STRIPE_API_BASE",
-    "STRIPE_WEBHOOK_SECRET",
-    "SUPERDUPERAI_URL",
-    "SUPERDUPERAI_TOKEN",
-)
-
-
-@contextlib.asynccontextmanager
-async def own_stack(video_seconds: float, keep: bool) -> AsyncIterator[Target]:
-    data_dir = Path(tempfile.mkdtemp(prefix="orderflow-bench-"))
-    api_port, sandbox_port, temporal_port, ui_port = (_free_port() for _ in range(4))
-    env = {k: v for k, v in os.environ.items() if k not in _STRIPPED_ENV}
-    env.update(
-        DATA_DIR=str(data_dir),
-        SANDBOX_VIDEO_SECONDS=str(video_seconds),
-        API_PORT=str(api_port),
-        PUBLIC_URL=f"http://127.0.0.1:{api_port}",
-        SANDBOX_PORT=str(sandbox_port),
-        SANDBOX_URL=f"http://127.0.0.1:{sandbox_port}",
-        STRIPE_WEBHOOK_SECRET=BENCH_WEBHOOK_SECRET,
-        # The launcher runs in the temp dir so a developer's .env can't reach it; the
-        # project's packages still resolve from the repository.
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
-    )
-    dev_log_path = data_dir / "dev.log"
-    dev_log = dev_log_path.open("wb")
-    log(f"starting a stack in {data_dir} (API on {api_port}, Temporal on {temporal_port})")
-    started = time.monotonic()
-    launcher = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "workers.dev",
-        "--temporal-port",
-        str(temporal_port),
-        "--ui-port",
-        str(ui_port),
-        cwd=data_dir,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=dev_log,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        await _wait_for_banner(launcher, dev_log_path, timeout=120)
-        log(f"stack up in {time.monotonic() - started:.1f} s")
-        yield Target(
-            api_url=f"http://127.0.0.1:{api_port}",
-            sandbox_url=f"http://127.0.0.1:{sandbox_port}",
-            temporal_address=f"127.0.0.1:{temporal_port}",
-            namespace="default",
-            webhook_secret=BENCH_WEBHOOK_SECRET,
-            stripe_key=SANDBOX_STRIPE_KEY,
-            video_seconds=video_seconds,
-        )
-    finally:
-        log("stopping the stack")
-        if launcher.returncode is None:
-            launcher.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(launcher.wait(), 60)
-            except TimeoutError:
-                launcher.kill()
-                await launcher.wait()
-        dev_log.close()
-        # Normally the launcher stopped it; this covers a launcher that was killed.
-        await asyncio.to_thread(stop_embedded_postgres, data_dir / "postgres")
-        if keep:
-            log(f"kept {data_dir} (launcher log: {dev_log_path})")
-        else:
-            shutil.rmtree(data_dir, ignore_errors=True)
-
-
-async def _wait_for_banner(
-    launcher: asyncio.subprocess.Process, log_path: Path, timeout: float
-) -> None:
-    # The launcher prints its banner only once the API answers and a worker polls.
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = await asyncio.to_thread(log_path.read_text, encoding="utf-8", errors="replace")
-        if "dev stack is up" in text:
-            return
-        if launcher.returncode is not None:
-            raise RuntimeError(f"the stack failed to start:\n{text[-4000:]}")
-        await asyncio.sleep(0.2)
-    raise RuntimeError(f"the stack did not come up within {timeout:g} s; see {log_path}")
-
-
-# --- orders ---------------------------------------------------------------------------
-
-
-async def create_order(http: httpx.AsyncClient, target: Target, videos: int) -> OrderRun:
-    created_at = time.perf_counter()
-    response = await http.post(
-        f"{target.api_url}/api/video-orders",
-        json={"prompt": "a lighthouse in a storm, cinematic", "videos": videos},
-    )
-    if response.status_code != 201:
-        run = OrderRun(order_id="", created_at=created_at, status="rejected")
-        run.error = f"create: {response.status_code} {response.text[:200]}"
-        return run
-    body = response.json()
-    run = OrderRun(order_id=body["order_id"], created_at=created_at)
-    run.checkout_url = body["checkout_url"]
-    return run
-
-
-async def pay_and_wait(
-    http: httpx.AsyncClient, target: Target, run: OrderRun, timeout: float
-) -> None:
-    if run.error:
-        return
-    # What the customer's browser does on the hosted checkout page.
-    paid = await http.post(f"{run.checkout_url.rstrip('/')}/pay")
-    if paid.status_code >= 400:
-        run.status, run.error = "unpaid", f"pay: {paid.status_code} {paid.text[:200]}"
-        return
-    run.paid_at = time.perf_counter()
-    # status_url is the customer's page; the bench polls the JSON view behind it.
-    status_url = f"{target.api_url}/api/video-orders/{run.order_id}"
-    deadline = run.paid_at + timeout
-    while time.perf_counter() < deadline:
-        view = await http.get(status_url)
-        if view.status_code == 200:
-            run.status = view.json()["status"]
-            if run.status in FINAL_STATUSES:
-                run.final_at = time.perf_counter()
-                return
-        await asyncio.sleep(POLL_SECONDS)
-    run.error = f"not final after {timeout:g} s (last status {run.status})"
-
-
-# --- webhooks -------------------------------------------------------------------------
-
-
-async def completed_events(http: httpx.AsyncClient, target: Target) -> list[dict[str, Any]]:
-    """The `checkout.session.completed` events the sandbox really sent for our orders."""
-    response = await http.get(f"{target.sandbox_url}/stripe/_sandbox/deliveries")
-    response.raise_for_status()
-    ids = [d["event_id"] for d in response.json() if d["type"] == "checkout.session.completed"]
-    auth = {"Authorization": f"Bearer {target.stripe_key}"}
-    semaphore = asyncio.Semaphore(20)
-
-    async def fetch(event_id: str) -> dict[str, Any]:
-        async with semaphore:
-            r = await http.get(f"{target.sandbox_url}/stripe/v1/events/{event_id}", headers=auth)
-            r.raise_for_status()
-            return r.json()
-
-    return list(await asyncio.gather(*(fetch(i) for i in ids)))
-
-
-class RawConnection:
-    """One keep-alive HTTP/1.1 connection with nothing between the socket and the timer.
-
-    httpx costs a few milliseconds of client CPU per request under concurrency; with 50
-    requests in flight on the same cores as the stack, that alone came to p50 ~120 ms
-    against a bare health check that answers in ~6 ms. The webhook figure must be the
-    server's, so deliveries go out over plain sockets, one connection per concurrent
-    sender as Stripe's would be.
-    """
-
-    def __init__(self, url: str) -> None:
-        parts = httpx.URL(url)
-        self.host = parts.host
-        self.port = parts.port or 80
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> int:
-        if self.writer is None or self.writer.is_closing():
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        assert self.reader is not None
-        head = [f"POST {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
-        head += [f"{k}: {v}" for k, v in headers.items()]
-        head += [f"Content-Length: {len(body)}", "", ""]
-        self.writer.write("\r\n".join(head).encode() + body)
-        await self.writer.drain()
-        status_line, *header_lines = (
-            (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        )
-        status = int(status_line.split()[1])
-        fields = dict(
-            (k.strip().lower(), v.strip())
-            for k, _, v in (line.partition(":") for line in header_lines if line)
-        )
-        if fields.get("transfer-encoding", "").lower() == "chunked":
-            while size := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16):
-                await self.reader.readexactly(size + 2)
-            await self.reader.readuntil(b"\r\n")
-        else:
-            await self.reader.readexactly(int(fields.get("content-length", "0")))
-        if fields.get("connection", "").lower() == "close":
-            await self.close()
-        return status
-
-    async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            with contextlib.suppress(OSError):
-                await self.writer.wait_closed()
-            self.writer = None
-
-
-async def deliver_round(
-    connections: Sequence[RawConnection], target: Target, events: Sequence[dict[str, Any]]
-) -> list[tuple[float, int]]:
-    """One delivery per connection, all at once; returns (milliseconds, status) each."""
-    # Bodies and signatures are ready before the first request leaves, so the timings
-    # cover the round trip and the handler, not our own JSON work.
-    prepared = []
-    for i in range(len(connections)):
-        body = json.dumps(events[i % len(events)]).encode()
-        headers = {
-            "Content-Type": "application/json; charset=utf-8",
-            "Stripe-Signature": sign(body, target.webhook_secret),
-        }
-        prepared.append((body, headers))
-    start = asyncio.Event()
-
-    async def one(conn: RawConnection, body: bytes, headers: dict[str, str]) -> tuple[float, int]:
-        await start.wait()
-        t0 = time.perf_counter()
-        status = await conn.post("/webhooks/stripe", body, headers)
-        return (time.perf_counter() - t0) * 1000, status
-
-    tasks = [
-        asyncio.create_task(one(c, b, h)) for c, (b, h) in zip(connections, prepared, strict=True)
-    ]
-    await asyncio.sleep(0)  # let every task reach start.wait()
-    start.set()
-    return list(await asyncio.gather(*tasks))
-
-
-# --- history --------------------------------------------------------------------------
-
-
-async def history_lengths(target: Target, order_ids: Sequence[str]) -> list[int]:
-    client = await Client.connect(target.temporal_address, namespace=target.namespace)
-    semaphore = asyncio.Semaphore(20)
-
-    async def one(order_id: str) -> int:
-        async with semaphore:
-            handle = client.get_workflow_handle(f"video-order:{order_id}")
-            return len((await handle.fetch_history()).events)
-
-    return list(await asyncio.gather(*(one(i) for i in order_ids)))
-
-
-# --- report ---------------------------------------------------------------------------
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -362,184 +126,674 @@ def verdict(ok: bool) -> str:
     return "ok" if ok else "MISSED"
 
 
-async def measure_deliveries(
-    target: Target, args: argparse.Namespace, make_events: Callable[[], list[dict[str, Any]]]
-) -> tuple[list[float], Counter[int]]:
-    """`args.rounds` measured rounds of `args.webhooks` concurrent deliveries."""
-    timings: list[float] = []
-    codes: Counter[int] = Counter()
-    connections = [RawConnection(target.api_url) for _ in range(args.webhooks)]
-    try:
-        # One round first to open the connections; Stripe keeps its own warm too.
-        await deliver_round(connections, target, make_events())
-        for _ in range(args.rounds):
-            for ms, code in await deliver_round(connections, target, make_events()):
-                timings.append(ms)
-                codes[code] += 1
-    finally:
-        await asyncio.gather(*(c.close() for c in connections))
-    return timings, codes
-
-
-def pending_bank_transfer_events(runs: Sequence[OrderRun]) -> list[dict[str, Any]]:
-    """Fresh events for orders still awaiting payment: checkout completed, money not yet in.
-
-    Each is new to its order, so each costs a real signal to a running workflow: the
-    path a first delivery takes. The orders stay payable afterwards.
-    """
-    events = []
-    for run in runs:
-        session_id = run.checkout_url.rstrip("/").rsplit("/", 1)[-1]
-        session = {
-            "id": session_id,
-            "object": "checkout.session",
-            "client_reference_id": run.order_id,
-            "metadata": {"order_id": run.order_id},
-            "payment_status": "unpaid",
-            "status": "complete",
-        }
-        events.append(
-            {
-                "id": f"evt_bench_{uuid.uuid4().hex}",
-                "object": "event",
-                "type": "checkout.session.completed",
-                "created": int(time.time()),
-                "data": {"object": session},
-            }
-        )
-    return events
-
-
-async def bench(args: argparse.Namespace, target: Target) -> int:
-    limits = httpx.Limits(max_connections=args.orders * 2 + 10)
-    webhook_rows: list[tuple[str, list[float], Counter[int]]] = []
-    async with httpx.AsyncClient(timeout=30, limits=limits) as http:
-        # Orders of their own for the first-delivery figure: the events it sends stay
-        # out of the histories counted below.
-        log(f"creating {args.webhooks} orders to receive first deliveries")
-        targets = await asyncio.gather(
-            *(create_order(http, target, 1) for _ in range(args.webhooks))
-        )
-        open_orders = [r for r in targets if not r.error]
-        if open_orders:
-            log(
-                f"delivering new events to {len(open_orders)} open orders, "
-                f"{args.webhooks} at a time"
-            )
-            timings, codes = await measure_deliveries(
-                target, args, lambda: pending_bank_transfer_events(open_orders)
-            )
-            webhook_rows.append(("first delivery", timings, codes))
-
-        log(f"creating {args.orders} orders of {args.videos} video(s)")
-        started = time.perf_counter()
-        runs = await asyncio.gather(
-            *(create_order(http, target, args.videos) for _ in range(args.orders))
-        )
-        log("paying every order and waiting until it is final")
-        await asyncio.gather(*(pay_and_wait(http, target, r, args.timeout) for r in runs))
-        wall = time.perf_counter() - started
-
-        events = await completed_events(http, target)
-        if events:
-            log(f"redelivering {len(events)} real events, {args.webhooks} at a time")
-            timings, codes = await measure_deliveries(target, args, lambda: events)
-            webhook_rows.append(("redelivery", timings, codes))
-
-    finished = [r for r in runs if r.final_at is not None]
-    problems = [r for r in runs if r.error]
-    paid_to_final = [r.final_at - r.paid_at for r in finished if r.paid_at is not None]
-    log("reading workflow histories")
-    histories = await history_lengths(target, [r.order_id for r in runs if r.order_id])
-
-    statuses = Counter(r.status for r in runs)
-    events_target = EVENTS_TARGET_FIRST + EVENTS_TARGET_EXTRA * (args.videos - 1)
-    generation = f"{target.video_seconds:g} s" if target.video_seconds else "as configured"
-    p50_paid, p99_paid = percentile(paid_to_final, 50), percentile(paid_to_final, 99)
-    rows: list[tuple[str, str]] = [
-        ("orders", f"{len(finished)}/{args.orders} final ({_counts(statuses)})"),
-        ("throughput", f"{len(finished) / wall:.2f} orders/s (wall {wall:.1f} s)"),
-        ("payment -> final", f"p50 {p50_paid:.2f} s   p99 {p99_paid:.2f} s"),
-    ]
-    for label, timings, codes in webhook_rows:
-        p50, p99 = percentile(timings, 50), percentile(timings, 99)
-        met = verdict(p99 < WEBHOOK_P99_TARGET_MS)
-        rows.append(
-            (
-                f"webhook {label} ({args.webhooks} concurrent)",
-                f"p50 {p50:.1f} ms   p99 {p99:.1f} ms   "
-                f"[target p99 < {WEBHOOK_P99_TARGET_MS:g} ms: {met}]   "
-                f"responses {_counts(codes)}",
-            )
-        )
-    if histories:
-        met = verdict(max(histories) <= events_target)
-        rows.append(
-            (
-                "history events/order",
-                f"min {min(histories)}   median {statistics.median(histories):g}   "
-                f"max {max(histories)}   [target <= {events_target}: {met}]",
-            )
-        )
-
-    title = (
-        f"orderflow bench: {args.orders} orders x {args.videos} video(s), generation {generation}"
-    )
-    width = max(len(k) for k, _ in rows)
-    print()
-    print(title)
-    print("-" * len(title))
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
-    for run in problems[:10]:
-        print(f"  ! order {run.order_id or '-'}: {run.error}")
-    print()
-    return 1 if problems else 0
+def ratio(measured: float, baseline: float) -> str:
+    return f"{measured / baseline:.2f}x" if baseline and math.isfinite(baseline) else "-"
 
 
 def _counts(counter: Counter[Any]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(counter.items(), key=lambda kv: str(kv[0])))
 
 
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+# --- orders, the customer's way ---------------------------------------------------------
+
+
+class Customers:
+    """Keep-alive connections to the API and the sandbox, one pair per concurrent customer."""
+
+    def __init__(self, target: Target, size: int) -> None:
+        self._free: asyncio.Queue[tuple[RawConnection, RawConnection]] = asyncio.Queue()
+        self._all = [
+            (RawConnection(target.api_url), RawConnection(target.sandbox_url)) for _ in range(size)
+        ]
+        for pair in self._all:
+            self._free.put_nowait(pair)
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[tuple[RawConnection, RawConnection]]:
+        pair = await self._free.get()
+        try:
+            yield pair
+        finally:
+            self._free.put_nowait(pair)
+
+    async def create(self, videos: int) -> OpenOrder:
+        async with self.connection() as (api, _):
+            status, body = await api.post_json(
+                "/api/video-orders", {"prompt": PROMPT, "videos": videos}
+            )
+        if status != 201:
+            raise RuntimeError(f"create: {status} {json.dumps(body)[:200]}")
+        checkout = httpx.URL(body["checkout_url"])
+        return OpenOrder(
+            order_id=body["order_id"],
+            session_id=checkout.path.rstrip("/").rsplit("/", 1)[-1],
+            pay_path=checkout.path.rstrip("/") + "/pay",
+        )
+
+    async def pay(self, order: OpenOrder) -> None:
+        """What the customer's browser does on the hosted checkout page."""
+        async with self.connection() as (_, sandbox):
+            status, body = await sandbox.request("POST", order.pay_path)
+        if status >= 400:
+            raise RuntimeError(f"pay: {status} {body[:200]!r}")
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for pair in self._all for c in pair))
+
+
+async def closed_loop(
+    total: int, concurrency: int, one: Callable[[], Awaitable[OrderRun]]
+) -> tuple[list[OrderRun], float]:
+    """`total` orders, `concurrency` in flight: each finished order makes room for the next."""
+    remaining = iter(range(total))
+    runs: list[OrderRun] = []
+
+    async def slot() -> None:
+        for _ in remaining:
+            runs.append(await one())
+
+    started = time.perf_counter()
+    await asyncio.gather(*(slot() for _ in range(min(total, concurrency))))
+    return runs, time.perf_counter() - started
+
+
+async def video_order(
+    customers: Customers, client: Client, videos: int, timeout: float
+) -> OrderRun:
+    run = OrderRun(started_at=time.perf_counter())
+    try:
+        order = await customers.create(videos)
+        run.order_id = order.order_id
+        run.paid_at = time.perf_counter()
+        await customers.pay(order)
+        handle = client.get_workflow_handle(workflow_id(order.order_id))
+        result = await asyncio.wait_for(handle.result(), timeout)
+        run.status = result["status"]
+        run.final_at = time.perf_counter()
+    except Exception as err:
+        run.error = f"{type(err).__name__}: {err}"
+    return run
+
+
+async def skeleton_order(client: Client, task_queue: str, videos: int, timeout: float) -> OrderRun:
+    run = OrderRun(started_at=time.perf_counter())
+    try:
+        handle, checkout = await skeleton.start_order(client, task_queue, videos)
+        run.order_id = checkout.order_id
+        run.paid_at = time.perf_counter()
+        await handle.signal(
+            skeleton.SkeletonOrderWorkflow.stripe_event, skeleton.paid_event(checkout)
+        )
+        run.status = await asyncio.wait_for(handle.result(), timeout)
+        run.final_at = time.perf_counter()
+    except Exception as err:
+        run.error = f"{type(err).__name__}: {err}"
+    return run
+
+
+async def history_lengths(client: Client, workflow_ids: Sequence[str]) -> list[int]:
+    gate = asyncio.Semaphore(20)
+
+    async def one(wid: str) -> int:
+        async with gate:
+            return len((await client.get_workflow_handle(wid).fetch_history()).events)
+
+    return list(await asyncio.gather(*(one(w) for w in workflow_ids)))
+
+
+async def throughput(
+    args: argparse.Namespace, client: Client, customers: Customers, report: Report
+) -> None:
+    """Figure a, with payment -> final and history events from the same runs."""
+    task_queue = f"bench-skeleton-{uuid.uuid4().hex[:8]}"
+    warmup = min(args.concurrency, 10)
+
+    def video() -> Awaitable[OrderRun]:
+        return video_order(customers, client, args.videos, args.timeout)
+
+    def bare() -> Awaitable[OrderRun]:
+        return skeleton_order(client, task_queue, args.videos, args.timeout)
+
+    async with skeleton.skeleton_worker(client, task_queue):
+        log(f"warming up: {warmup} skeleton and {warmup} video orders")
+        await closed_loop(warmup, warmup, bare)
+        await closed_loop(warmup, warmup, video)
+        sizes = f"{args.orders} orders, {args.concurrency} at a time"
+        log(f"skeleton: {sizes}")
+        bare_runs, bare_wall = await closed_loop(args.orders, args.concurrency, bare)
+        log(f"video orders: {sizes}")
+        video_runs, video_wall = await closed_loop(args.orders, args.concurrency, video)
+        log(f"skeleton again: {sizes}")
+        bare_runs2, bare_wall2 = await closed_loop(args.orders, args.concurrency, bare)
+
+    for runs in (video_runs, bare_runs, bare_runs2):
+        report.problems += [f"order {r.order_id or '-'}: {r.error}" for r in runs if r.error]
+    video_done = [r for r in video_runs if r.final_at is not None]
+    video_rate = len(video_done) / video_wall
+    bare_rates = [
+        len([r for r in runs if r.final_at is not None]) / wall
+        for runs, wall in ((bare_runs, bare_wall), (bare_runs2, bare_wall2))
+    ]
+    bare_rate = statistics.mean(bare_rates)
+    report.rows.append(
+        Row(
+            f"a. throughput ({args.concurrency} in flight)",
+            f"{video_rate:.1f} orders/s",
+            f"{bare_rate:.1f} orders/s",
+            ratio(video_rate, bare_rate),
+            f">= {THROUGHPUT_TARGET:g}x",
+            verdict(video_rate >= THROUGHPUT_TARGET * bare_rate),
+        )
+    )
+    statuses = Counter(r.status for r in video_runs)
+    report.notes.append(
+        f"a. video orders: {len(video_done)}/{args.orders} final ({_counts(statuses)}) in "
+        f"{video_wall:.1f} s; skeleton runs {bare_rates[0]:.1f} and {bare_rates[1]:.1f} "
+        f"orders/s (baseline: their mean)"
+    )
+
+    def paid_to_final(runs: list[OrderRun]) -> list[float]:
+        return [r.final_at - r.paid_at for r in runs if r.final_at and r.paid_at]
+
+    video_pf, bare_pf = paid_to_final(video_runs), paid_to_final(bare_runs + bare_runs2)
+    for q in (50, 99):
+        measured, base = percentile(video_pf, q), percentile(bare_pf, q)
+        report.rows.append(
+            Row(f"   payment -> final p{q}", _ms(measured), _ms(base), ratio(measured, base))
+        )
+
+    log("reading workflow histories")
+    sample = args.concurrency
+    video_events = await history_lengths(
+        client, [workflow_id(r.order_id) for r in video_done[:sample]]
+    )
+    bare_events = await history_lengths(
+        client, [skeleton.workflow_id(r.order_id) for r in bare_runs if r.final_at][:sample]
+    )
+    if video_events and bare_events:
+        limit = EVENTS_TARGET_FIRST + EVENTS_TARGET_EXTRA * (args.videos - 1)
+        report.rows.append(
+            Row(
+                "   history events/order (max)",
+                str(max(video_events)),
+                str(max(bare_events)),
+                ratio(max(video_events), max(bare_events)),
+                f"<= {limit}",
+                verdict(max(video_events) <= limit),
+            )
+        )
+
+
+# --- webhooks ---------------------------------------------------------------------------
+
+
+def pending_payment_event(order: OpenOrder) -> dict[str, Any]:
+    """A new event for an order awaiting payment: checkout completed, the money not yet in.
+
+    Each is new to its order, so each costs a real signal to a running workflow: the path a
+    first delivery takes. The order stays payable afterwards.
+    """
+    session = {
+        "id": order.session_id,
+        "object": "checkout.session",
+        "client_reference_id": order.order_id,
+        "metadata": {"order_id": order.order_id},
+        "payment_status": "unpaid",
+        "status": "complete",
+    }
+    return {
+        "id": f"evt_bench_{uuid.uuid4().hex}",
+        "object": "event",
+        "type": "checkout.session.completed",
+        "created": int(time.time()),
+        "data": {"object": session},
+    }
+
+
+async def deliver_round(
+    connections: Sequence[RawConnection], target: Target, events: Sequence[dict[str, Any]]
+) -> list[tuple[float, int]]:
+    """One delivery per connection, all at once; returns (seconds, status) each."""
+    # Bodies and signatures are ready before the first request leaves, so the timings
+    # cover the round trip and the handler, not our own JSON work.
+    prepared = []
+    for i in range(len(connections)):
+        body = json.dumps(events[i % len(events)]).encode()
+        headers = {
+            "Content-Type": "application/json; charset=utf-8",
+            "Stripe-Signature": sign(body, target.webhook_secret),
+        }
+        prepared.append((body, headers))
+    start = asyncio.Event()
+
+    async def one(conn: RawConnection, body: bytes, headers: dict[str, str]) -> tuple[float, int]:
+        await start.wait()
+        t0 = time.perf_counter()
+        status = await conn.post("/webhooks/stripe", body, headers)
+        return time.perf_counter() - t0, status
+
+    tasks = [
+        asyncio.create_task(one(c, b, h)) for c, (b, h) in zip(connections, prepared, strict=True)
+    ]
+    await asyncio.sleep(0)  # let every task reach start.wait()
+    start.set()
+    return list(await asyncio.gather(*tasks))
+
+
+async def signal_round(client: Client, orders: Sequence[OpenOrder]) -> list[float]:
+    """What the webhook handler ends in, sent straight from a client: one signal per order."""
+    prepared = [
+        (
+            client.get_workflow_handle(workflow_id(o.order_id)),
+            StripeEvent(
+                event_id=f"evt_bench_{uuid.uuid4().hex}",
+                type="checkout.session.completed",
+                session_id=o.session_id,
+                payment_status="unpaid",
+            ),
+        )
+        for o in orders
+    ]
+    start = asyncio.Event()
+
+    async def one(handle: WorkflowHandle, event: StripeEvent) -> float:
+        await start.wait()
+        t0 = time.perf_counter()
+        await handle.signal(VideoOrderWorkflow.stripe_event, event)
+        return time.perf_counter() - t0
+
+    tasks = [asyncio.create_task(one(h, e)) for h, e in prepared]
+    await asyncio.sleep(0)
+    start.set()
+    return list(await asyncio.gather(*tasks))
+
+
+async def first_deliveries(
+    args: argparse.Namespace,
+    target: Target,
+    client: Client,
+    orders: Sequence[OpenOrder],
+    report: Report,
+) -> None:
+    """Figure b."""
+    log(f"first deliveries vs client signals: {len(orders)} orders, {args.rounds} rounds each")
+    connections = [RawConnection(target.api_url) for _ in orders]
+    webhook: list[float] = []
+    signals: list[float] = []
+    codes: Counter[int] = Counter()
+    try:
+        # One round of each first, unmeasured: connections open, caches warm, as Stripe's
+        # and the API's own client would be.
+        await deliver_round(connections, target, [pending_payment_event(o) for o in orders])
+        await signal_round(client, orders)
+        for _ in range(args.rounds):
+            events = [pending_payment_event(o) for o in orders]
+            for seconds, code in await deliver_round(connections, target, events):
+                webhook.append(seconds)
+                codes[code] += 1
+            signals += await signal_round(client, orders)
+    finally:
+        await asyncio.gather(*(c.close() for c in connections))
+    label = f"b. webhook first delivery ({len(orders)} at once)"
+    for q in (99, 50):
+        measured, base = percentile(webhook, q), percentile(signals, q)
+        met = q != 99 or measured <= WEBHOOK_RATIO_TARGET * base
+        report.rows.append(
+            Row(
+                f"{label} p{q}" if q == 99 else f"   webhook first delivery p{q}",
+                f"{measured * 1000:.1f} ms",
+                f"{base * 1000:.1f} ms",
+                ratio(measured, base),
+                f"<= {WEBHOOK_RATIO_TARGET:g}x" if q == 99 else "-",
+                verdict(met) if q == 99 else "-",
+            )
+        )
+    report.notes.append(
+        f"b. {len(webhook)} deliveries (responses {_counts(codes)}) and {len(signals)} "
+        "client signals; baseline: the signals"
+    )
+    if set(codes) != {200}:
+        report.problems.append(f"webhook responses {_counts(codes)}")
+
+
+async def redeliveries(
+    args: argparse.Namespace, target: Target, http: httpx.AsyncClient, report: Report
+) -> None:
+    """Stripe's retries of events the API already handed to Temporal."""
+    response = await http.get(f"{target.sandbox_url}/stripe/_sandbox/deliveries")
+    response.raise_for_status()
+    ids = [d["event_id"] for d in response.json() if d["type"] == "checkout.session.completed"]
+    ids = ids[: args.concurrency * args.rounds]
+    if not ids:
+        return
+    auth = {"Authorization": f"Bearer {target.stripe_key}"}
+    gate = asyncio.Semaphore(20)
+
+    async def fetch(event_id: str) -> dict[str, Any]:
+        async with gate:
+            r = await http.get(f"{target.sandbox_url}/stripe/v1/events/{event_id}", headers=auth)
+            r.raise_for_status()
+            return r.json()
+
+    events = list(await asyncio.gather(*(fetch(i) for i in ids)))
+    log(f"redelivering {len(events)} real events, {args.concurrency} at a time")
+    connections = [RawConnection(target.api_url) for _ in range(args.concurrency)]
+    timings: list[float] = []
+    try:
+        await deliver_round(connections, target, events)
+        for i in range(args.rounds):
+            batch = events[i * args.concurrency :] + events[: i * args.concurrency]
+            timings += [s for s, _ in await deliver_round(connections, target, batch)]
+    finally:
+        await asyncio.gather(*(c.close() for c in connections))
+    p99 = percentile(timings, 99)
+    report.rows.append(
+        Row(
+            "   webhook redelivery p99",
+            f"{p99 * 1000:.1f} ms",
+            target=f"< {REDELIVERY_P99_TARGET_MS:g} ms",
+            verdict=verdict(p99 * 1000 < REDELIVERY_P99_TARGET_MS),
+        )
+    )
+
+
+# --- streams ----------------------------------------------------------------------------
+
+
+async def open_streams(
+    target: Target, order_ids: Sequence[str], timeout: float = 60
+) -> list[OrderStream]:
+    """One stream per id, each open with its first event before this returns."""
+    streams: list[OrderStream] = []
+    # A page at a time would take long; all at once would measure a thundering herd.
+    for i in range(0, len(order_ids), 50):
+        batch = [OrderStream(target.api_url, o).start() for o in order_ids[i : i + 50]]
+        await asyncio.wait_for(asyncio.gather(*(s.opened.wait() for s in batch)), timeout)
+        streams += batch
+    failed = [s for s in streams if s.error or not s.statuses]
+    if failed:
+        await asyncio.gather(*(s.close() for s in streams))
+        raise RuntimeError(
+            f"{len(failed)} of {len(streams)} streams did not open: {failed[0].error}"
+        )
+    return streams
+
+
+async def pay_paced(
+    customers: Customers, orders: Sequence[OpenOrder], gap: float
+) -> dict[str, float]:
+    """Pays each order, one every `gap` s; returns when each payment was sent."""
+    sent: dict[str, float] = {}
+
+    async def one(i: int, order: OpenOrder) -> None:
+        await asyncio.sleep(i * gap)
+        sent[order.order_id] = time.perf_counter()
+        await customers.pay(order)
+
+    await asyncio.gather(*(one(i, o) for i, o in enumerate(orders)))
+    return sent
+
+
+async def stream_delays(
+    streams: Sequence[OrderStream], sent: dict[str, float], timeout: float
+) -> tuple[dict[str, list[float]], int]:
+    """Per order, each of its watchers' delay from payment to a status past awaiting."""
+    seen = await asyncio.gather(*(s.wait_past(AWAITING, timeout) for s in streams))
+    delays: dict[str, list[float]] = {}
+    missing = 0
+    for stream, at in zip(streams, seen, strict=True):
+        if at is None:
+            missing += 1
+        else:
+            delays.setdefault(stream.order_id, []).append(at - sent[stream.order_id])
+    return delays, missing
+
+
+def first_statuses(streams: Sequence[OrderStream]) -> Counter[str]:
+    return Counter(
+        next((s for _, s in stream.statuses if s != AWAITING), "none") for stream in streams
+    )
+
+
+async def payment_to_stream(
+    args: argparse.Namespace,
+    target: Target,
+    customers: Customers,
+    orders: Sequence[OpenOrder],
+    report: Report,
+) -> float:
+    """Figure c; returns its p99 (the one-watcher baseline of figure d)."""
+    log(f"payment -> stream: {len(orders)} orders, one stream each")
+    streams = await open_streams(target, [o.order_id for o in orders])
+    try:
+        sent = await pay_paced(customers, orders, args.pay_gap)
+        delays, missing = await stream_delays(streams, sent, args.timeout)
+    finally:
+        await asyncio.gather(*(s.close() for s in streams))
+    values = [d for ds in delays.values() for d in ds]
+    p50, p99 = percentile(values, 50), percentile(values, 99)
+    report.rows.append(Row("c. payment -> stream p50", _ms(p50)))
+    report.rows.append(
+        Row(
+            "   payment -> stream p99",
+            _ms(p99),
+            target=f"< {STREAM_P99_TARGET_MS:g} ms",
+            verdict=verdict(p99 * 1000 < STREAM_P99_TARGET_MS and not missing),
+        )
+    )
+    report.notes.append(
+        f"c. first status past {AWAITING} on the streams: {_counts(first_statuses(streams))}"
+    )
+    if missing:
+        report.problems.append(f"c. {missing} streams never showed the payment")
+    return p99
+
+
+async def reads_total(http: httpx.AsyncClient, target: Target) -> float | None:
+    if not target.admin_token:
+        return None
+    response = await http.get(
+        f"{target.api_url}/api/admin/metrics",
+        headers={"Authorization": f"Bearer {target.admin_token}"},
+    )
+    if response.status_code != 200:
+        return None
+    value = response.json().get("order_reads_total")
+    return float(value) if isinstance(value, int | float) else None
+
+
+async def reads_per_second(http: httpx.AsyncClient, target: Target, window: float) -> float | None:
+    # A moment for the readers of streams just opened to settle into their rhythm.
+    await asyncio.sleep(1.0)
+    before = await reads_total(http, target)
+    started = time.perf_counter()
+    await asyncio.sleep(window)
+    after = await reads_total(http, target)
+    if before is None or after is None:
+        return None
+    return (after - before) / (time.perf_counter() - started)
+
+
+async def watchers(
+    args: argparse.Namespace,
+    target: Target,
+    http: httpx.AsyncClient,
+    customers: Customers,
+    orders: Sequence[OpenOrder],
+    one_watcher_p99: float,
+    report: Report,
+) -> None:
+    """Figure d."""
+    ids = [o.order_id for o in orders]
+    per_order = max(1, args.watchers // len(ids))
+    log(f"watchers: {len(ids)} streams on {len(ids)} orders, reads over {args.window:g} s")
+    streams = await open_streams(target, ids)
+    try:
+        few = await reads_per_second(http, target, args.window)
+        log(f"watchers: {per_order * len(ids)} streams on the same orders")
+        streams += await open_streams(target, ids * (per_order - 1))
+        many = await reads_per_second(http, target, args.window)
+        log("watchers: paying the orders")
+        sent = await pay_paced(customers, orders, args.pay_gap)
+        delays, missing = await stream_delays(streams, sent, args.timeout)
+    finally:
+        await asyncio.gather(*(s.close() for s in streams))
+
+    label = f"d. Temporal reads/s, {len(streams)} watchers"
+    if few is None or many is None:
+        report.rows.append(Row(label, "n/a", verdict="n/a"))
+        report.notes.append("d. no order_reads_total at GET /api/admin/metrics")
+    else:
+        report.rows.append(
+            Row(
+                label,
+                f"{many:.1f}/s",
+                f"{few:.1f}/s ({len(ids)} watchers)",
+                ratio(many, few),
+                f"<= {READS_RATIO_TARGET:g}x",
+                verdict(many <= READS_RATIO_TARGET * few),
+            )
+        )
+        report.notes.append(
+            f"d. {len(ids)} orders: {few / len(ids):.2f} reads/s per order with one watcher "
+            f"each, {many / len(ids):.2f} with {per_order} each"
+        )
+    everyone = [max(ds) for ds in delays.values() if len(ds) == per_order]
+    each = [d for ds in delays.values() for d in ds]
+    p99_all = percentile(everyone, 99)
+    report.rows.append(
+        Row(
+            "   stream event delay p99 (all watchers)",
+            _ms(p99_all),
+            f"{_ms(one_watcher_p99)} (1 watcher)",
+            ratio(p99_all, one_watcher_p99),
+            f"< {STREAM_P99_TARGET_MS:g} ms",
+            verdict(p99_all * 1000 < STREAM_P99_TARGET_MS and not missing),
+        )
+    )
+    report.notes.append(
+        f"d. delay p99 per watcher {_ms(percentile(each, 99))}, p50 "
+        f"{_ms(percentile(each, 50))}; until every watcher of an order has it: p50 "
+        f"{_ms(percentile(everyone, 50))}"
+    )
+    if missing:
+        report.problems.append(f"d. {missing} watchers never showed the payment")
+
+
+# --- the run ----------------------------------------------------------------------------
+
+
+async def create_orders(customers: Customers, count: int) -> list[OpenOrder]:
+    return list(await asyncio.gather(*(customers.create(1) for _ in range(count))))
+
+
+async def bench(args: argparse.Namespace, target: Target) -> int:
+    report = Report()
+    client = await Client.connect(target.temporal_address, namespace=target.namespace)
+    customers = Customers(target, args.concurrency)
+    limits = httpx.Limits(max_connections=50)
+    try:
+        async with httpx.AsyncClient(timeout=30, limits=limits) as http:
+            if "a" in args.figures:
+                await throughput(args, client, customers, report)
+                await redeliveries(args, target, http, report)
+            one_watcher = float("nan")
+            if {"b", "c"} & set(args.figures):
+                log(f"creating {args.concurrency} orders to pay later")
+                waiting = await create_orders(customers, args.concurrency)
+                if "b" in args.figures:
+                    await first_deliveries(args, target, client, waiting, report)
+                if "c" in args.figures:
+                    one_watcher = await payment_to_stream(args, target, customers, waiting, report)
+            if "d" in args.figures:
+                fresh = await create_orders(customers, args.concurrency)
+                await watchers(args, target, http, customers, fresh, one_watcher, report)
+    finally:
+        await customers.close()
+    print_report(args, target, report)
+    return 1 if report.problems else 0
+
+
+def print_report(args: argparse.Namespace, target: Target, report: Report) -> None:
+    header = Row("figure", "measured", "baseline", "ratio", "target", "verdict")
+    rows = [header, *report.rows]
+    cells = [[r.figure, r.measured, r.baseline, r.ratio, r.target, r.verdict] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(6)]
+    generation = (
+        f"generation {target.video_seconds:g} s, polled every {target.poll_seconds:g} s"
+        if target.video_seconds is not None
+        else f"against {target.api_url}"
+    )
+    title = (
+        f"orderflow bench: {args.orders} orders x {args.videos} video(s), "
+        f"{args.concurrency} concurrent, {args.watchers} watchers; {generation}"
+    )
+    lines = ["", title, ""]
+    for i, row in enumerate(cells):
+        lines.append(" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if i == 0:
+            lines.append("-+-".join("-" * w for w in widths))
+    lines.append("")
+    lines += report.notes
+    lines += [f"  ! {p}" for p in report.problems[:10]]
+    print("\n".join(lines) + "\n", flush=True)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.orders", description=__doc__.split("\n")[0]
+        prog="python -m bench",
+        description="Video orders on a real stack, each figure next to a same-run baseline.",
     )
-    parser.add_argument("--orders", type=int, default=50, help="concurrent orders (default 50)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=50,
+        help="orders in flight, deliveries at once, orders watched (default 50)",
+    )
+    parser.add_argument(
+        "--orders", type=int, default=200, help="orders per throughput run (default 200)"
+    )
     parser.add_argument("--videos", type=int, default=1, help="videos per order (default 1)")
+    parser.add_argument(
+        "--watchers", type=int, default=500, help="streams on the watched orders (default 500)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=8, help="measured rounds of deliveries (default 8)"
+    )
+    parser.add_argument(
+        "--pay-gap", type=float, default=0.3, help="seconds between payments in c and d"
+    )
+    parser.add_argument(
+        "--window", type=float, default=5.0, help="seconds over which reads/s are counted"
+    )
+    parser.add_argument(
+        "--figures", default="abcd", help="which figures to measure (default abcd: all)"
+    )
     parser.add_argument(
         "--api", help="use a running stack at this URL instead of starting one (e.g. make dev)"
     )
-    parser.add_argument("--webhooks", type=int, default=50, help="concurrent deliveries per round")
-    parser.add_argument("--rounds", type=int, default=4, help="measured rounds of deliveries")
     parser.add_argument(
-        "--video-seconds", type=float, default=1.0, help="sandbox generation time (own stack)"
+        "--video-seconds", type=float, default=0.01, help="sandbox generation time (own stack)"
     )
     parser.add_argument(
-        "--timeout", type=float, default=180, help="seconds per order after payment"
+        "--poll-seconds", type=float, default=0.1, help="generation poll interval (own stack)"
     )
+    parser.add_argument("--timeout", type=float, default=120, help="seconds per order")
     parser.add_argument("--keep", action="store_true", help="keep the own stack's data dir")
     args = parser.parse_args(argv)
-    if args.orders < 1 or args.videos < 1 or args.webhooks < 1 or args.rounds < 1:
-        parser.error("--orders, --videos, --webhooks and --rounds must be positive")
+    if min(args.concurrency, args.orders, args.videos, args.rounds, args.watchers) < 1:
+        parser.error("--concurrency, --orders, --videos, --rounds and --watchers must be positive")
     return args
 
 
 async def amain(args: argparse.Namespace) -> int:
     if args.api:
-        # A running stack: the rest of its coordinates come from the same settings it uses.
-        settings = load_settings()
-        target = Target(
-            api_url=args.api.rstrip("/"),
-            sandbox_url=settings.sandbox_url.rstrip("/"),
-            temporal_address=settings.temporal_address,
-            namespace=settings.temporal_namespace,
-            webhook_secret=settings.webhook_secret,
-            stripe_key=settings.stripe_key,
-            video_seconds=None,
-        )
-        return await bench(args, target)
-    async with own_stack(args.video_seconds, args.keep) as target:
+        return await bench(args, running_stack(args.api))
+    async with own_stack(args.video_seconds, args.poll_seconds, args.keep) as target:
         return await bench(args, target)
 
 

@@ -276,6 +276,9 @@ def make_settings(base: Path, database_url: str, temporal_address: str, **extra:
         "generation_poll_seconds": 0.25,
         # Refunds that keep failing reach needs_attention within seconds, not hours.
         "refund_retry_seconds": 5,
+        # The suite makes every order from 127.0.0.1; tests/test_abuse_limits.py tests the
+        # limit on an app of its own.
+        "order_rate_limit": "100000/minute",
         "admin_token": ADMIN_TOKEN,
         "data_dir": str(base),
         **extra,

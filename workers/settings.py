@@ -13,6 +13,7 @@ import sys
 from typing import Any
 from urllib.parse import urlsplit
 
+import limits
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -67,6 +68,9 @@ class Settings(BaseSettings):
     public_url: str = "http://127.0.0.1:8000"
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto uvicorn believes (comma-separated
+    # addresses or networks, `*` for any): the client address that limits count comes from it.
+    forwarded_allow_ips: str = "127.0.0.1"
 
     # Where the local stand-ins for the providers listen (see sandbox/).
     sandbox_url: str = "http://127.0.0.1:8100"
@@ -101,6 +105,16 @@ class Settings(BaseSettings):
     # generate-video calls per video allowed to go unanswered (see activities/superduperai.py).
     video_start_attempts: int = Field(default=2, ge=1, le=5)
 
+    # Abuse limits of the API, per client address (see api/ratelimit.py, api/streams.py).
+    # Orders created per address: one or more `N/period` (the `limits` package's notation).
+    order_rate_limit: str = "10/minute"
+    # Watched orders are read from Temporal this often, once per order however many watch.
+    stream_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    stream_max_per_client: int = Field(default=8, ge=1)
+    stream_max_total: int = Field(default=2000, ge=1)
+    # A stream ends after this long with a reconnect hint, so none is held for ever.
+    stream_max_seconds: float = Field(default=900.0, gt=0)
+
     admin_token: str | None = None
     # Server secret that turns a client's Idempotency-Key into an order id (HMAC).
     idempotency_secret: str | None = None
@@ -123,6 +137,17 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             v = v.strip()
             return v or None
+        return v
+
+    @field_validator("order_rate_limit")
+    @classmethod
+    def _order_rate_limit(cls, v: str) -> str:
+        try:
+            limits.parse_many(v)
+        except ValueError as err:
+            raise ValueError(
+                f"{v!r} is not a rate limit such as 10/minute or 10/minute;50/hour"
+            ) from err
         return v
 
     @field_validator("video_models")
@@ -329,6 +354,10 @@ class Settings(BaseSettings):
     def video_model_prices(self) -> dict[str, int]:
         """Model name -> price per video in minor units, in the order offered."""
         return parse_video_models(self.video_models)
+
+    @property
+    def order_rate_limits(self) -> list[limits.RateLimitItem]:
+        return limits.parse_many(self.order_rate_limit)
 
     @property
     def default_video_model(self) -> str:

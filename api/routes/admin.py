@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from api import orders
@@ -12,6 +12,17 @@ from api.deps import AdminDep, TemporalClientDep
 from workflows.video_order import SettleRequest, VideoOrderWorkflow
 
 router = APIRouter(prefix="/api/admin", tags=["admin"])
+
+
+@router.get("/metrics")
+async def metrics(_: AdminDep, request: Request) -> dict[str, int]:
+    """Counters of this API process since it started: Temporal reads made for event streams
+    (`order_reads_total`), open streams and the orders they read, and what the abuse limits
+    refused."""
+    return {
+        **request.app.state.streams.metrics(),
+        "orders_rate_limited_total": request.app.state.order_rate.rejected_total,
+    }
 
 
 @router.get("/video-orders")

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from api import orders
 from api.deps import SettingsDep, TemporalClientDep
 from api.errors import ApiError
+from api.ratelimit import check_order_rate
 from workers.settings import Settings
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -186,14 +187,17 @@ async def submit_order(
         values = {name: str(form[name]) for name in FORM_FIELDS if name in form}
     try:
         order = orders.new_order(settings, orders.VideoOrderCreate.model_validate(values))
+        await check_order_rate(request)
         checkout = await orders.start_order(temporal, settings, order)
     except ValidationError as err:
         messages, invalid = _describe(err)
         return _form_page(request, settings, values, messages, invalid, 422)
     except ApiError as err:
-        # Too many videos, or Stripe or Temporal down: keep what the customer typed so that
-        # fixing it or retrying is one click.
-        return _form_page(request, settings, values, [err.detail], frozenset(), err.status)
+        # Too many videos or orders, or Stripe or Temporal down: keep what the customer
+        # typed so that fixing it or retrying is one click.
+        page = _form_page(request, settings, values, [err.detail], frozenset(), err.status)
+        page.headers.update(err.headers)
+        return page
     return RedirectResponse(checkout.checkout_url, status_code=303)
 
 

@@ -2,34 +2,41 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
-from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
 from api import orders
 from api.deps import SettingsDep, TemporalClientDep
 from api.errors import ApiError
+from api.ratelimit import check_order_rate, client_address
 
 router = APIRouter(prefix="/api", tags=["video-orders"])
-
-# How often the event stream re-reads the order, and how often it proves it is alive.
-STREAM_POLL_SECONDS = 1.0
-STREAM_KEEPALIVE_SECONDS = 15.0
 
 
 @router.post("/video-orders", status_code=201)
 async def create_video_order(
-    body: orders.VideoOrderCreate, settings: SettingsDep, temporal: TemporalClientDep
-) -> dict[str, str]:
-    order = orders.new_order(settings, body)
-    checkout = await orders.start_order(temporal, settings, order)
+    body: orders.VideoOrderCreate,
+    request: Request,
+    response: Response,
+    settings: SettingsDep,
+    temporal: TemporalClientDep,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> dict[str, str | None]:
+    """201 with a new order; with an Idempotency-Key already used for the same request, 200
+    and that order (`Idempotent-Replayed: true`; checkout_url null once it is past paying);
+    409 if the key was used for a different request; 429 over ORDER_RATE_LIMIT."""
+    order = orders.new_order(settings, body, idempotency_key)
+    await check_order_rate(request)
+    created = await orders.create_order(temporal, settings, order)
+    if created.replayed:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
     return {
-        "order_id": order.order_id,
-        "checkout_url": checkout.checkout_url,
-        "status_url": orders.order_page_url(settings, order.order_id),
+        "order_id": created.order_id,
+        "checkout_url": created.checkout_url,
+        "status_url": orders.order_page_url(settings, created.order_id),
     }
 
 
@@ -42,36 +49,13 @@ async def get_video_order(order_id: str, temporal: TemporalClientDep) -> dict:
 async def video_order_events(
     order_id: str, request: Request, temporal: TemporalClientDep
 ) -> StreamingResponse:
-    first = await orders.read_order(temporal, order_id)  # a 404 before the stream opens
-
-    async def stream() -> AsyncIterator[str]:
-        view, last, quiet = first, None, 0.0
-        while True:
-            body = json.dumps(view, sort_keys=True)
-            if body != last:
-                last, quiet = body, 0.0
-                yield f"event: order\ndata: {body}\n\n"
-            if view["final"] or await request.is_disconnected():
-                return
-            if quiet >= STREAM_KEEPALIVE_SECONDS:
-                quiet = 0.0
-                yield ": keep-alive\n\n"
-            await asyncio.sleep(STREAM_POLL_SECONDS)
-            quiet += STREAM_POLL_SECONDS
-            try:
-                view = await orders.read_order(temporal, order_id)
-            except ApiError as err:
-                if err.status != 404:
-                    # No worker or no Temporal for a moment: the order is safe, so the
-                    # stream waits it out instead of ending the customer's live page.
-                    continue
-                yield f"event: error\ndata: {json.dumps({'error': err.error})}\n\n"
-                return
-
-    return StreamingResponse(
-        stream(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    """Server-sent events of the order (see api/streams.py). Errors come before the stream
+    opens: 404, 429 over STREAM_MAX_PER_CLIENT or STREAM_MAX_TOTAL, 503."""
+    orders.check_order_id(order_id)
+    return await request.app.state.streams.open(
+        order_id,
+        client_address(request),
+        lambda: orders.read_order_state(temporal, order_id),
     )
 
 

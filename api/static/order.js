@@ -1,5 +1,6 @@
 // Keeps the order page live. The server already rendered the current state; this script
-// only updates it: server-sent events first, polling the JSON every 2 s if they fail.
+// only updates it: server-sent events first, polling the JSON every 2 s if they fail, every
+// 10 s if the server refused the stream (too many open from this address, say).
 "use strict";
 
 (() => {
@@ -7,6 +8,11 @@
   if (!root || root.dataset.final === "true") return;
 
   const POLL_MS = 2000;
+  // Each poll is a read of the order; a server that refused a stream is asked gently.
+  const REFUSED_POLL_MS = 10000;
+  // A stream ended by the server (its lifetime, a restart) comes back after the retry it
+  // named; this long without an event after that means it did not.
+  const RECONNECT_MS = 12000;
   // The first event arrives as soon as the stream opens; silence means a proxy is buffering.
   const FIRST_EVENT_MS = 5000;
   const money = JSON.parse(root.dataset.money);
@@ -14,6 +20,8 @@
   let source = null;
   let timer = null;
   let done = false;
+  let pollMs = POLL_MS;
+  let reconnecting = false;
 
   const field = (scope, name) => scope.querySelector(`[data-field="${name}"]`);
 
@@ -98,12 +106,13 @@
     } catch {
       // Offline for a moment: the next poll tries again.
     }
-    if (!done) timer = setTimeout(poll, POLL_MS);
+    if (!done) timer = setTimeout(poll, pollMs);
   }
 
-  function fallBackToPolling() {
+  function fallBackToPolling(interval = POLL_MS) {
     if (source) source.close();
     source = null;
+    pollMs = interval;
     clearTimeout(timer);
     if (!done) poll();
   }
@@ -115,10 +124,25 @@
     clearTimeout(timer);
     render(JSON.parse(event.data));
   });
+  // The order's workflow closed without a final status: nothing more will change.
+  source.addEventListener("end", stop);
+  // The server is about to end the stream on purpose and has said when to come back.
+  source.addEventListener("reconnect", () => {
+    reconnecting = true;
+  });
   source.addEventListener("error", (event) => {
-    // The server names an event "error" when the order is gone. Anything else is the
-    // connection failing: polling also gets through proxies that break long streams.
+    // The server names an event "error" when the order is gone.
     if (event.data) return stop();
-    fallBackToPolling();
+    if (reconnecting && source.readyState === EventSource.CONNECTING) {
+      // The browser reconnects by itself after the server's retry hint.
+      reconnecting = false;
+      clearTimeout(timer);
+      timer = setTimeout(() => fallBackToPolling(), RECONNECT_MS);
+      return;
+    }
+    // CLOSED: the server answered with an error (429, 503, 404) instead of a stream.
+    // CONNECTING: the connection broke; polling also gets through proxies that break
+    // long streams.
+    fallBackToPolling(source.readyState === EventSource.CLOSED ? REFUSED_POLL_MS : POLL_MS);
   });
 })();
