@@ -61,6 +61,9 @@ class Target:
     # The own stack's knobs; None when the bench runs against a stack it did not start.
     video_seconds: float | None = None
     poll_seconds: float | None = None
+    # The own stack's launcher and data dir: where its processes' CPU time is found.
+    launcher_pid: int | None = None
+    data_dir: Path | None = None
 
 
 def log(message: str) -> None:
@@ -154,6 +157,8 @@ async def own_stack(video_seconds: float, poll_seconds: float, keep: bool) -> As
             admin_token=admin_token,
             video_seconds=video_seconds,
             poll_seconds=poll_seconds,
+            launcher_pid=launcher.pid,
+            data_dir=data_dir,
         )
     finally:
         log("stopping the stack")
@@ -186,3 +191,63 @@ async def _wait_for_banner(
             raise RuntimeError(f"the stack failed to start:\n{text[-4000:]}")
         await asyncio.sleep(0.2)
     raise RuntimeError(f"the stack did not come up within {timeout:g} s; see {log_path}")
+
+
+# --- where the CPU goes -----------------------------------------------------------------
+
+_PROC = Path("/proc")
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+# Which part of the stack a process is, by its command line.
+# First match wins: the launcher's command line names Temporal's port too.
+_ROLES = (
+    ("workers.dev", "launcher"),
+    ("workers.api", "api"),
+    ("workers.worker", "worker"),
+    ("-m sandbox", "sandbox"),
+    ("postgres", "postgres"),
+    ("temporal", "temporal"),
+)
+
+
+def cpu_seconds(target: Target) -> dict[str, float]:
+    """CPU seconds used so far by each part of the own stack and by this process.
+
+    Empty without /proc or for a stack the bench did not start. Read before and after a
+    run, it says which process an order's time went to.
+    """
+    usage: dict[str, float] = {}
+    if target.launcher_pid is None or target.data_dir is None or not _PROC.is_dir():
+        return usage
+    stats: dict[int, tuple[int, float, str]] = {}
+    for entry in _PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile
+        # The command name may hold spaces and parentheses: fields follow the last ")".
+        fields = stat.rsplit(")", 1)[1].split()
+        ppid, ticks = int(fields[1]), int(fields[11]) + int(fields[12])
+        stats[int(entry.name)] = (ppid, ticks / _TICK, cmdline)
+    # PostgreSQL detaches from the launcher; its postmaster is known by its data dir.
+    roots = {target.launcher_pid} | {
+        pid for pid, (_, _, cmd) in stats.items() if f"-D {target.data_dir}" in cmd
+    }
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    todo, seen = list(roots), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen or pid not in stats:
+            continue
+        seen.add(pid)
+        todo += children.get(pid, [])
+        _, cpu, cmd = stats[pid]
+        role = next((r for key, r in _ROLES if key in cmd), "other")
+        usage[role] = usage.get(role, 0.0) + cpu
+    own = os.times()
+    usage["bench"] = own.user + own.system
+    return usage

@@ -347,4 +347,10 @@ def _main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(_main(sys.argv[1:]))
+    code = _main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter finalization: the Temporal client's native runtime threads can
+    # still be releasing the GIL then, which aborts the process (seen as exit 134 after
+    # failed RPCs), and a one-shot's exit code is what its orchestrator acts on.
+    os._exit(code)
