@@ -214,6 +214,16 @@ def _idempotency_conflict() -> ApiError:
     )
 
 
+def _search_attributes(status: str) -> TypedSearchAttributes:
+    # OrderKind at start tells the workflow the namespace knows the order attributes.
+    return TypedSearchAttributes(
+        [
+            SearchAttributePair(sa.ORDER_KIND, ORDER_KIND),
+            SearchAttributePair(sa.ORDER_STATUS, status),
+        ]
+    )
+
+
 async def start_order(client: Client, settings: Settings, order: VideoOrderInput) -> CheckoutInfo:
     start = WithStartWorkflowOperation(
         VideoOrderWorkflow.run,
@@ -224,12 +234,7 @@ async def start_order(client: Client, settings: Settings, order: VideoOrderInput
         # the same videos again (payment_for_closed_order starts its refunding run itself).
         id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
         task_queue=settings.task_queue,
-        search_attributes=TypedSearchAttributes(
-            [
-                SearchAttributePair(sa.ORDER_KIND, ORDER_KIND),
-                SearchAttributePair(sa.ORDER_STATUS, "awaiting_payment"),
-            ]
-        ),
+        search_attributes=_search_attributes("awaiting_payment"),
     )
     try:
         return await asyncio.wait_for(
@@ -440,12 +445,7 @@ async def payment_for_closed_order(client: Client, order_id: str, event: StripeE
             task_queue=desc.task_queue,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            search_attributes=TypedSearchAttributes(
-                [
-                    SearchAttributePair(sa.ORDER_KIND, ORDER_KIND),
-                    SearchAttributePair(sa.ORDER_STATUS, "refunding"),
-                ]
-            ),
+            search_attributes=_search_attributes("refunding"),
         )
     except RPCError as err:
         raise unavailable(err) from err

@@ -120,17 +120,22 @@ async def test_operator_marks_a_stuck_refund_settled_with_a_reason(stack: Stack)
     await stack.fault("refund", order_id, "off")
 
 
-async def test_unreadable_session_at_expiry_keeps_the_order_open_for_its_payment(
-    stack: Stack,
-) -> None:
-    """Item 3: Stripe refuses to show the session when it expires; the order does not close
-    as failed but waits, and the payment that then arrives goes ahead."""
+async def _unconfirmed_order(stack: Stack) -> tuple[str, dict]:
+    """An order whose session Stripe refuses to show when it expires."""
     order = await stack.create_order()
     order_id = order["order_id"]
     view = await stack.order(order_id)
     await stack.fault("session", view["checkout_session_id"], "forbidden")
     await _expire(stack, order_id)
-    view = await stack.wait_for(order_id, "needs_attention")
+    return order_id, await stack.wait_for(order_id, "needs_attention")
+
+
+async def test_unreadable_session_at_expiry_keeps_the_order_open_for_its_payment(
+    stack: Stack,
+) -> None:
+    """Item 3: Stripe refuses to show the session when it expires; the order does not close
+    as failed but waits, and the payment that then arrives goes ahead."""
+    order_id, view = await _unconfirmed_order(stack)
     assert view["attention_code"] == "payment_unconfirmed"
     assert "permission" not in view["attention"]
     await _late_pay(stack, view["checkout_session_id"])
@@ -142,12 +147,7 @@ async def test_unreadable_session_at_expiry_keeps_the_order_open_for_its_payment
 async def test_operator_retry_reads_the_session_again(stack: Stack) -> None:
     """Item 3: once Stripe answers again, the operator's retry settles the order as Stripe
     has it (here: unpaid, so it expires; nothing was charged)."""
-    order = await stack.create_order()
-    order_id = order["order_id"]
-    view = await stack.order(order_id)
-    await stack.fault("session", view["checkout_session_id"], "forbidden")
-    await _expire(stack, order_id)
-    await stack.wait_for(order_id, "needs_attention")
+    order_id, _ = await _unconfirmed_order(stack)
     resp = await stack.admin("POST", f"/video-orders/{order_id}/retry-refunds")
     assert resp.status_code == 200, resp.text
     done = await stack.wait_for(order_id, "expired")
@@ -272,12 +272,7 @@ async def test_payment_after_an_operator_settled_the_order_is_refunded(stack: St
     """Item 3: the operator settled an order whose payment Stripe could not confirm; then
     the payment arrives after all. Whether it finds the workflow closing or closed, it is
     refunded in full."""
-    order = await stack.create_order()
-    order_id = order["order_id"]
-    view = await stack.order(order_id)
-    await stack.fault("session", view["checkout_session_id"], "forbidden")
-    await _expire(stack, order_id)
-    await stack.wait_for(order_id, "needs_attention")
+    order_id, view = await _unconfirmed_order(stack)
     resp = await stack.admin(
         "POST", f"/video-orders/{order_id}/mark-settled", json={"reason": "customer left"}
     )
