@@ -6,7 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Touched after a successful install; older than pyproject.toml means "install again".
 STAMP  := $(VENV)/.installed
-ORDERS ?= 50
+# Extra options for `python -m bench`, e.g. make bench BENCH_ARGS="--videos 3".
+BENCH_ARGS ?=
 
 # Recipes (and the test suite's shutil.which("temporal")) find the venv's console
 # scripts, temporal and temporal-test-server among them, without activating it.
@@ -25,10 +26,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# Brings up a throwaway stack of its own (fresh data dir, free ports, 1 s generations).
+# One throwaway stack of its own (fresh data dir, free ports): every figure next to a
+# baseline measured in the same run, printed as one table.
 bench: $(STAMP)
-	$(BIN)/python -m bench.orders --orders $(ORDERS) --videos 1
-	$(BIN)/python -m bench.orders --orders $(ORDERS) --videos 3
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \

@@ -197,6 +197,16 @@ def test_compose_app_environment(compose: dict[str, Any], tmp_path: Path) -> Non
         assert result.returncode != 0
         assert f"set {missing}" in result.stderr
 
+    # The API trusts X-Forwarded-For only from the configured proxy (item 6's limits count
+    # per client address), and stops within its own stop grace period.
+    api = services["api"]
+    assert api["environment"]["FORWARDED_ALLOW_IPS"] == "127.0.0.1"
+    assert seconds(api["stop_grace_period"]) > 10
+    # What compose hands the app is a configuration the app accepts: real providers, no
+    # sandbox value anywhere.
+    settings = Settings(_env_file=None, **{k.lower(): v for k, v in api["environment"].items()})
+    assert settings.production and not settings.stripe_sandboxed
+
     with_admin = docker_compose_config({**REQUIRED_ENV, "ADMIN_TOKEN": "a" * 40}, tmp_path)
     assert with_admin.returncode == 0, with_admin.stderr
     assert (

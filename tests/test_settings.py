@@ -24,6 +24,7 @@ from workers.settings import (
     SANDBOX_WEBHOOK_SECRET,
     Settings,
     describe_errors,
+    removed_settings,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -148,6 +149,20 @@ REFUSALS: dict[str, tuple[dict[str, Any], str]] = {
     "zero price": ({"video_models": "a/b=0"}, "VIDEO_MODELS: the price of a/b must be"),
     "negative price": ({"video_models": "a/b=-5"}, "VIDEO_MODELS: the price of a/b must be"),
     "duplicate model": ({"video_models": "a/b=500, a/b=900"}, "VIDEO_MODELS: a/b is listed twice"),
+    "orders above what Stripe takes": (
+        {"video_models": "a/b=50000000", "max_videos_per_order": 2},
+        "allows an order of 100000000 minor units",
+    ),
+    # Found in review: more mixes of real and sandbox.
+    "real videos paid through the sandbox": (
+        {"superduperai_token": REAL["superduperai_token"], "idempotency_secret": "s" * 32},
+        "SUPERDUPERAI_TOKEN is set while Stripe is sandboxed",
+    ),
+    "stripe base at the sandbox, spelled 0.0.0.0": (
+        {**REAL, "stripe_api_base": "http://0.0.0.0:8100/stripe"},
+        "STRIPE_API_BASE points at the sandbox",
+    ),
+    "order rate of zero": ({"order_rate_limit": "0/minute"}, "ORDER_RATE_LIMIT"),
 }
 
 
@@ -311,3 +326,19 @@ def test_every_process_refuses_to_start_with_one_line(
         assert "STRIPE_WEBHOOK_SECRET is required when STRIPE_API_KEY is set" in lines[0]
     assert _refused_to_listen(api_port) and _refused_to_listen(sandbox_port)
     assert not (tmp_path / "data").exists()  # nothing started, not even the dev stack's dirs
+
+
+def test_removed_settings_are_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Item 5: a deployment still setting VIDEO_PRICE would otherwise start and charge the
+    VIDEO_MODELS price without a word."""
+    env_file = tmp_path / ".env"
+    env_file.write_text("VIDEO_GENERATION_CONFIG=google-cloud/veo3\n")
+    monkeypatch.setenv("VIDEO_PRICE", "2000")
+    problems = removed_settings(str(env_file))
+    assert problems == [
+        "VIDEO_PRICE no longer exists: use VIDEO_MODELS (each model with its price)",
+        "VIDEO_GENERATION_CONFIG no longer exists: use VIDEO_MODELS (the first model is the "
+        "default)",
+    ]
+    monkeypatch.delenv("VIDEO_PRICE")
+    assert removed_settings(str(tmp_path / "absent.env")) == []

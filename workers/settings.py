@@ -8,12 +8,15 @@ mixes the two, or lacks a real provider's secrets, is refused when a process sta
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
 import sys
 from typing import Any
 from urllib.parse import urlsplit
 
 import limits
+from dotenv import dotenv_values
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -32,7 +35,12 @@ DEFAULT_VIDEO_MODELS = "google-cloud/veo3-fast=500,google-cloud/veo3=1500"
 # Stripe's ceiling for one line item's unit_amount.
 MAX_UNIT_AMOUNT = 99_999_999
 _VIDEO_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.:-]*$")
-_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+# Settings that no longer exist: a process refuses to start while one is set, rather than
+# silently charging another price than the deployer meant (load_settings).
+REMOVED_SETTINGS = {
+    "VIDEO_PRICE": "VIDEO_MODELS (each model with its price)",
+    "VIDEO_GENERATION_CONFIG": "VIDEO_MODELS (the first model is the default)",
+}
 
 
 def parse_video_models(text: str) -> dict[str, int]:
@@ -143,11 +151,14 @@ class Settings(BaseSettings):
     @classmethod
     def _order_rate_limit(cls, v: str) -> str:
         try:
-            limits.parse_many(v)
+            items = limits.parse_many(v)
         except ValueError as err:
             raise ValueError(
                 f"{v!r} is not a rate limit such as 10/minute or 10/minute;50/hour"
             ) from err
+        if any(item.amount <= 0 or item.multiples <= 0 for item in items):
+            # 0/minute would refuse every order for ever; "per 0 minutes" would allow all.
+            raise ValueError(f"{v!r}: each limit needs a positive amount and period")
         return v
 
     @field_validator("video_models")
@@ -159,6 +170,16 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _lower_currency(self) -> Settings:
         self.video_currency = self.video_currency.lower()
+        return self
+
+    @model_validator(mode="after")
+    def _orders_payable(self) -> Settings:
+        top = max(self.video_model_prices.values()) * self.max_videos_per_order
+        if top > MAX_UNIT_AMOUNT:
+            raise ValueError(
+                f"VIDEO_MODELS x MAX_VIDEOS_PER_ORDER allows an order of {top} minor units, "
+                f"above the {MAX_UNIT_AMOUNT} Stripe accepts for one payment"
+            )
         return self
 
     @model_validator(mode="after")
@@ -240,6 +261,12 @@ class Settings(BaseSettings):
                 ]
             return []
         problems = []
+        if self.stripe_sandboxed:
+            problems.append(
+                "SUPERDUPERAI_TOKEN is set while Stripe is sandboxed: anyone could pay with "
+                "the sandbox's public webhook secret and spend real generations; set "
+                "STRIPE_API_KEY and STRIPE_WEBHOOK_SECRET too, or unset SUPERDUPERAI_TOKEN"
+            )
         if token == SANDBOX_SUPERDUPERAI_TOKEN:
             problems.append(
                 "SUPERDUPERAI_TOKEN is the sandbox's public token: set a real token, or unset "
@@ -283,7 +310,7 @@ class Settings(BaseSettings):
 
     @staticmethod
     def _is_loopback(url: str) -> bool:
-        return (urlsplit(url).hostname or "") in _LOOPBACK
+        return _local_host(urlsplit(url).hostname or "")
 
     def _is_sandbox(self, url: str) -> bool:
         """Whether a URL reaches the sandbox's server, however its host is spelled."""
@@ -291,7 +318,7 @@ class Settings(BaseSettings):
         if _port(there) != _port(sandbox):
             return False
         host, sandbox_host = there.hostname or "", sandbox.hostname or ""
-        return host == sandbox_host or {host, sandbox_host} <= _LOOPBACK
+        return host == sandbox_host or (_local_host(host) and _local_host(sandbox_host))
 
     @property
     def stripe_sandboxed(self) -> bool:
@@ -374,6 +401,17 @@ def _required(value: str | None, name: str) -> str:
     return value
 
 
+def _local_host(host: str) -> bool:
+    """localhost, any loopback address, or the any-address (which connects to this host)."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
 def _port(url: Any) -> int | None:
     return url.port or {"http": 80, "https": 443}.get(url.scheme)
 
@@ -388,10 +426,26 @@ def describe_errors(err: ValidationError) -> str:
     return " ".join("; ".join(parts).split())
 
 
+def removed_settings(env_file: str | None = ".env") -> list[str]:
+    """Problems for settings that no longer exist but are set (environment or `.env`)."""
+    dotenv = dotenv_values(env_file) if env_file and os.path.isfile(env_file) else {}
+    names = {k.upper() for k in os.environ} | {k.upper() for k in dotenv}
+    return [
+        f"{name} no longer exists: use {instead}"
+        for name, instead in REMOVED_SETTINGS.items()
+        if name in names
+    ]
+
+
 def load_settings() -> Settings:
     """The settings of a process about to start, or exit 2 with one line on stderr."""
+    problems = removed_settings()
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as err:
-        print(f"orderflow: refusing to start: {describe_errors(err)}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        problems.append(describe_errors(err))
+    if problems:
+        line = "; ".join(problems)
+        print(f"orderflow: refusing to start: {line}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    return settings
