@@ -21,6 +21,7 @@ from temporalio.client import (
     WorkflowExecutionDescription,
     WorkflowExecutionStatus,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.common import (
     SearchAttributePair,
@@ -251,7 +252,9 @@ async def start_order(client: Client, settings: Settings, order: VideoOrderInput
             raise _idempotency_conflict() from err
         # Stripe's own words stay in the order's view for operators.
         raise ApiError(502, "checkout_failed", CUSTOMER_WORDS["checkout_failed"]) from err
-    except TimeoutError as err:
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError) as err:
+        # Our wait or the server's for the update ran out: the order may still get its
+        # checkout, and a retry with the same Idempotency-Key finds it.
         raise ApiError(503, "checkout_unavailable", "payment provider is slow; retry") from err
     except RPCError as err:
         raise unavailable(err) from err

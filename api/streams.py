@@ -38,6 +38,9 @@ ReadOrder = Callable[[], Awaitable[tuple[dict[str, Any], bool]]]
 
 # Proxies drop connections that stay silent for about a minute; a comment keeps them open.
 KEEPALIVE_SECONDS = 15.0
+# After a poke, this many reads this far apart, then the normal poll interval again.
+QUICK_READS_AFTER_POKE = 3
+QUICK_READ_SECONDS = 0.1
 # How long a browser waits before reconnecting a stream that ended by design.
 RECONNECT_MS = 2000
 STREAM_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
@@ -58,6 +61,9 @@ class _Reader:
         self.final = False
         self.error: str | None = None
         self._changed = asyncio.Event()
+        # Set by poke(): something just happened to the order (a webhook signalled it).
+        self._poked = asyncio.Event()
+        self._quick_reads = 0
         # The first read, which every watcher waits for: a 404 or 503 answers the request
         # before a stream opens.
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -78,7 +84,7 @@ class _Reader:
         self._publish(view, running)
         self.ready.set_result(None)
         while self.ended is None:
-            await asyncio.sleep(self._hub.poll_seconds)
+            await self._nap()
             try:
                 view, running = await self._fetch()
             except ApiError as err:
@@ -93,6 +99,22 @@ class _Reader:
                 log.exception("reading order %s for its watchers", self.order_id)
                 continue
             self._publish(view, running)
+
+    async def _nap(self) -> None:
+        """One poll interval, cut short by a poke; a few quick reads follow a poke, since
+        the workflow may still be acting on what the webhook told it."""
+        if self._quick_reads > 0:
+            self._quick_reads -= 1
+            await asyncio.sleep(QUICK_READ_SECONDS)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._poked.wait(), self._hub.poll_seconds)
+        if self._poked.is_set():
+            self._poked.clear()
+            self._quick_reads = QUICK_READS_AFTER_POKE
+
+    def poke(self) -> None:
+        self._poked.set()
 
     async def _fetch(self) -> tuple[dict[str, Any], bool]:
         self._hub.order_reads_total += 1
@@ -275,6 +297,12 @@ class OrderStreams:
         if reader.watchers <= 0 and self._readers.get(reader.order_id) is reader:
             self._drop(reader)
             reader.task.cancel()
+
+    def poke(self, order_id: str) -> None:
+        """Read the order now if anyone watches it: it has just been signalled."""
+        reader = self._readers.get(order_id)
+        if reader is not None:
+            reader.poke()
 
     def _drop(self, reader: _Reader) -> None:
         if self._readers.get(reader.order_id) is reader:

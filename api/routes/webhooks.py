@@ -117,6 +117,8 @@ async def stripe_webhook(
             return {"received": True, "handled": False}
         log.info("stripe event %s: payment for closed order %s", event["id"], order_id)
     acknowledged.add(event["id"])
+    # Pages watching this order show the change now rather than at their next poll.
+    request.app.state.streams.poke(order_id)
     return {"received": True, "handled": True}
 
 
