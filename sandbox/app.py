@@ -21,8 +21,12 @@ def create_app(config: SandboxConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        async with stripe.running():
-            yield
+        try:
+            async with stripe.running():
+                yield
+        finally:
+            stripe.store.flush()
+            videos.store.flush()
 
     app = FastAPI(title="orderflow sandbox", lifespan=lifespan)
     app.include_router(stripe_api.create_router(stripe, config.stripe_api_key))

@@ -53,9 +53,9 @@ class SuperDuperAISandbox:
     def __init__(self, config: SandboxConfig) -> None:
         self._public_url = config.public_url
         self._seconds = config.video_seconds
-        self._store = JsonStore(config.data_dir / "superduperai.json")
-        self._files = self._store.collection("files")
-        self._idempotency_keys = self._store.collection("idempotency_keys")
+        self.store = JsonStore(config.data_dir / "superduperai.json")
+        self._files = self.store.collection("files")
+        self._idempotency_keys = self.store.collection("idempotency_keys")
 
     def generate(
         self, config: VideoConfig, idempotency_key: str | None
@@ -84,7 +84,7 @@ class SuperDuperAISandbox:
         }
         if idempotency_key is not None:
             self._idempotency_keys[idempotency_key] = file_id
-        self._store.save()
+        self.store.save()
         return self.view(file_id), loses
 
     def files_with_prompt(self, prompt: str) -> list[str]:
