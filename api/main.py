@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from temporalio.client import Client
 
+from api.bodylimit import BodyLimit
 from api.errors import ApiError, install_error_handlers
 from api.ratelimit import OrderRateLimit
 from api.routes import admin, pages, video_orders, webhooks
@@ -24,6 +25,11 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_SECONDS = 5.0
 # About a day of events at a busy shop; each id costs well under 200 bytes.
 ACKNOWLEDGED_EVENTS_KEPT = 50_000
+# Request bodies over these are a 413 before anything reads them (api/bodylimit.py): an
+# order, the form or an admin action is well under a kilobyte, a Stripe event well under a
+# megabyte.
+MAX_BODY_BYTES = 64 * 1024
+MAX_WEBHOOK_BODY_BYTES = 1024 * 1024
 
 
 def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
@@ -68,6 +74,9 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
     app.state.order_rate = OrderRateLimit(settings)
     app.state.streams = OrderStreams(settings)
     install_error_handlers(app)
+    app.add_middleware(
+        BodyLimit, default=MAX_BODY_BYTES, by_prefix={"/webhooks/": MAX_WEBHOOK_BODY_BYTES}
+    )
     for router in (video_orders.router, webhooks.router, admin.router, pages.router):
         app.include_router(router)
     pages.mount_static(app)

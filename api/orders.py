@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import secrets
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -169,9 +170,20 @@ class CreatedOrder:
     replayed: bool  # the order existed before this request (same Idempotency-Key)
 
 
-async def create_order(client: Client, settings: Settings, order: VideoOrderInput) -> CreatedOrder:
-    """Starts the order; for a keyed one that exists already, answers with that order."""
+async def create_order(
+    client: Client,
+    settings: Settings,
+    order: VideoOrderInput,
+    admit: Callable[[], Awaitable[None]] | None = None,
+) -> CreatedOrder:
+    """Starts the order; for a keyed one that exists already, answers with that order.
+
+    `admit` (the rate limit) runs only when this request may start a workflow: a retry that
+    finds its keyed order costs the client nothing, so a double submit is not refused.
+    """
     if order.request_fingerprint is None:
+        if admit is not None:
+            await admit()
         checkout = await start_order(client, settings, order)
         return CreatedOrder(order.order_id, checkout.checkout_url, replayed=False)
     handle = client.get_workflow_handle_for(VideoOrderWorkflow.run, workflow_id(order.order_id))
@@ -181,6 +193,8 @@ async def create_order(client: Client, settings: Settings, order: VideoOrderInpu
         if err.status != RPCStatusCode.NOT_FOUND:
             raise unavailable(err) from err
         desc = None
+    if desc is None and admit is not None:
+        await admit()
     if desc is None or desc.status == WorkflowExecutionStatus.RUNNING:
         try:
             # A running order checks the fingerprint in the update's validator.

@@ -3,11 +3,13 @@
 The address is the connection's peer as uvicorn reports it. Behind a reverse proxy, uvicorn
 itself replaces it with the forwarded one, and only for proxies listed in
 FORWARDED_ALLOW_IPS (workers/api.py): a header a client wrote is never believed here.
-Counts live in this process's memory, so each API process limits on its own.
+An IPv6 client is its /64, since one host commonly holds a whole /64 and picks addresses in
+it at will. Counts live in this process's memory, so each API process limits on its own.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
 
@@ -21,7 +23,22 @@ from workers.settings import Settings
 
 
 def client_address(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+    """Who a request counts as, for the order rate and the stream caps."""
+    return client_group(request.client.host if request.client else "")
+
+
+def client_group(host: str) -> str:
+    """An IPv4 address as itself (also when written as IPv4-mapped IPv6), an IPv6 address as
+    its /64."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host or "unknown"  # not an IP address: a Unix socket's peer, say
+    if address.version == 4:
+        return str(address)
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address, 64), strict=False))
 
 
 class OrderRateLimit:

@@ -70,17 +70,21 @@ class _Reader:
         # Retrieved here, so that a first failure nobody waits for any more is not logged.
         self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.task = asyncio.create_task(self._run(), name=f"order-stream:{order_id}")
+        # A task cancelled before its first step never runs its body, so only a callback on
+        # the task itself answers the watchers waiting in open() on every path.
+        self.task.add_done_callback(self._unready)
+
+    def _unready(self, task: asyncio.Task[None]) -> None:
+        if self.ready.done():
+            return
+        self._hub._drop(self)
+        if task.cancelled() or task.exception() is None:
+            self.ready.set_exception(_stopping())
+        else:
+            self.ready.set_exception(task.exception())
 
     async def _run(self) -> None:
-        try:
-            view, running = await self._fetch()
-        except Exception as err:
-            self._hub._drop(self)
-            self.ready.set_exception(err)
-            return
-        except asyncio.CancelledError:
-            self.ready.set_exception(_stopping())
-            raise
+        view, running = await self._fetch()  # a failure answers open() through _unready
         self._publish(view, running)
         self.ready.set_result(None)
         while self.ended is None:

@@ -7,6 +7,7 @@ here is presentation only.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -47,6 +48,13 @@ PAGE_HEADERS = {
 ASPECT_RATIOS = get_args(orders.VideoOrderCreate.model_fields["aspect_ratio"].annotation)
 ASPECT_LABELS = {"16:9": "Landscape", "9:16": "Portrait", "1:1": "Square"}
 FORM_FIELDS = ("prompt", "model", "videos", "aspect_ratio", "email")
+# A hidden field of the form: a fresh random Idempotency-Key per rendered form, so that a
+# double submit (or a retry after a lost answer) lands on the order the first one made.
+FORM_KEY_FIELD = "idempotency_key"
+# Errors after which the form's key still stands for nothing or for an order a retry should
+# find; after any other (a key used for another order, a failed checkout) a retry needs a
+# new key to be a new order.
+KEEP_KEY_STATUSES = frozenset({422, 429, 503})
 FORM_DEFAULTS = {"videos": "1", "aspect_ratio": ASPECT_RATIOS[0]}
 FIELD_LABELS = {
     "prompt": "Prompt",
@@ -146,9 +154,11 @@ def _form_page(
     errors: list[str] | None = None,
     invalid: frozenset[str] = frozenset(),
     status: int = 200,
+    key: str | None = None,
 ) -> Response:
     context = {
         "values": {**FORM_DEFAULTS, "model": settings.default_video_model, **values},
+        "idempotency_key": key or secrets.token_urlsafe(16),
         "errors": errors or [],
         "invalid": invalid,
         "max_videos": settings.max_videos_per_order,
@@ -185,20 +195,32 @@ async def submit_order(
     async with request.form() as form:
         # Absent fields stay absent so that the model's defaults apply, as in the JSON API.
         values = {name: str(form[name]) for name in FORM_FIELDS if name in form}
+        # A form from before the key existed (or a script) orders without one.
+        key = str(form.get(FORM_KEY_FIELD) or "") or None
     try:
-        order = orders.new_order(settings, orders.VideoOrderCreate.model_validate(values))
-        await check_order_rate(request)
-        checkout = await orders.start_order(temporal, settings, order)
+        body = orders.VideoOrderCreate.model_validate(values)
+        # The same path as the JSON API's Idempotency-Key: same order id, same fingerprint.
+        order = orders.new_order(settings, body, key)
+        created = await orders.create_order(
+            temporal, settings, order, admit=lambda: check_order_rate(request)
+        )
     except ValidationError as err:
         messages, invalid = _describe(err)
-        return _form_page(request, settings, values, messages, invalid, 422)
+        return _form_page(request, settings, values, messages, invalid, 422, key)
     except ApiError as err:
         # Too many videos or orders, or Stripe or Temporal down: keep what the customer
         # typed so that fixing it or retrying is one click.
-        page = _form_page(request, settings, values, [err.detail], frozenset(), err.status)
+        keep = key if err.status in KEEP_KEY_STATUSES else None
+        message = err.detail
+        if err.error == "idempotency_conflict":
+            # Sent once already, then changed (after Back, say): sent again, it is a new order.
+            message = "This form already placed another order. Send it again for a new one."
+        page = _form_page(request, settings, values, [message], frozenset(), err.status, keep)
         page.headers.update(err.headers)
         return page
-    return RedirectResponse(checkout.checkout_url, status_code=303)
+    # A resubmit of an order past paying goes to its page rather than to a stale checkout.
+    target = created.checkout_url or orders.order_page_url(settings, created.order_id)
+    return RedirectResponse(target, status_code=303)
 
 
 # --- the order page ---------------------------------------------------------------------

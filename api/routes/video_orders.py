@@ -26,10 +26,12 @@ async def create_video_order(
 ) -> dict[str, str | None]:
     """201 with a new order; with an Idempotency-Key already used for the same request, 200
     and that order (`Idempotent-Replayed: true`; checkout_url null once it is past paying);
-    409 if the key was used for a different request; 429 over ORDER_RATE_LIMIT."""
+    409 if the key was used for a different request; 429 over ORDER_RATE_LIMIT (a replay
+    is not counted)."""
     order = orders.new_order(settings, body, idempotency_key)
-    await check_order_rate(request)
-    created = await orders.create_order(temporal, settings, order)
+    created = await orders.create_order(
+        temporal, settings, order, admit=lambda: check_order_rate(request)
+    )
     if created.replayed:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
