@@ -28,17 +28,12 @@ from temporalio.worker import Worker
 
 with workflow.unsafe.imports_passed_through():
     from workflows import search_attributes as sa
-    from workflows.video_order import StripeEvent
+    from workflows.video_order import SERVICE_RETRY, StripeEvent
 
 WORKFLOW_ID_PREFIX = "bench-skeleton:"
 # Its own OrderKind, so skeleton runs never show up among the shop's orders.
 ORDER_KIND = "bench-skeleton"
-# As VideoOrderWorkflow's SERVICE_RETRY and generation retry (one poll interval apart).
-SERVICE_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(minutes=1),
-)
+# As VideoOrderWorkflow's generation retry (one poll interval apart).
 POLL_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=1.0,
