@@ -38,8 +38,9 @@ ReadOrder = Callable[[], Awaitable[tuple[dict[str, Any], bool]]]
 
 # Proxies drop connections that stay silent for about a minute; a comment keeps them open.
 KEEPALIVE_SECONDS = 15.0
-# After a poke, this many reads this far apart, then the normal poll interval again.
-QUICK_READS_AFTER_POKE = 3
+# After a poke, up to this many reads this far apart until the view changes, then the
+# normal poll interval again.
+QUICK_READS_AFTER_POKE = 10
 QUICK_READ_SECONDS = 0.1
 # How long a browser waits before reconnecting a stream that ended by design.
 RECONNECT_MS = 2000
@@ -64,6 +65,7 @@ class _Reader:
         # Set by poke(): something just happened to the order (a webhook signalled it).
         self._poked = asyncio.Event()
         self._quick_reads = 0
+        self._poked_version = 0
         # The first read, which every watcher waits for: a 404 or 503 answers the request
         # before a stream opens.
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -107,7 +109,8 @@ class _Reader:
     async def _nap(self) -> None:
         """One poll interval, cut short by a poke; a few quick reads follow a poke, since
         the workflow may still be acting on what the webhook told it."""
-        if self._quick_reads > 0:
+        if self._quick_reads > 0 and self.version == self._poked_version:
+            # Until the view shows what the poke announced, or the quick reads run out.
             self._quick_reads -= 1
             await asyncio.sleep(QUICK_READ_SECONDS)
             return
@@ -116,6 +119,7 @@ class _Reader:
         if self._poked.is_set():
             self._poked.clear()
             self._quick_reads = QUICK_READS_AFTER_POKE
+            self._poked_version = self.version
 
     def poke(self) -> None:
         self._poked.set()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 
 from sandbox import stripe_api, stripe_checkout, superduperai
 from sandbox.config import SandboxConfig
@@ -15,7 +16,8 @@ __all__ = ["SandboxConfig", "create_app"]
 
 
 def create_app(config: SandboxConfig) -> FastAPI:
-    """An app over the state in `config.data_dir`, loaded now and saved on every change."""
+    """An app over the state in `config.data_dir`, loaded now and saved on every change
+    before the answer that reports it."""
     stripe = StripeSandbox(config)
     videos = superduperai.SuperDuperAISandbox(config)
 
@@ -29,6 +31,14 @@ def create_app(config: SandboxConfig) -> FastAPI:
             videos.store.flush()
 
     app = FastAPI(title="orderflow sandbox", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def durable_answers(request: Request, call_next: Any) -> Response:
+        response = await call_next(request)
+        # As at the real services, what a client is told has been stored.
+        await stripe.store.written()
+        await videos.store.written()
+        return response
     app.include_router(stripe_api.create_router(stripe, config.stripe_api_key))
     app.include_router(stripe_checkout.create_router(stripe))
     app.include_router(superduperai.create_router(videos, config.superduperai_token))

@@ -156,9 +156,9 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"{v!r} is not a rate limit such as 10/minute or 10/minute;50/hour"
             ) from err
-        if any(item.amount <= 0 or item.multiples <= 0 for item in items):
-            # 0/minute would refuse every order for ever; "per 0 minutes" would allow all.
-            raise ValueError(f"{v!r}: each limit needs a positive amount and period")
+        if any(item.amount <= 0 for item in items):
+            # 0/minute would refuse every order for ever.
+            raise ValueError(f"{v!r}: each limit needs a positive amount")
         return v
 
     @field_validator("video_models")
