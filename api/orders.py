@@ -274,6 +274,13 @@ async def start_order(client: Client, settings: Settings, order: VideoOrderInput
         raise unavailable(err) from err
 
 
+def _unanswered(err: RPCError) -> ApiError:
+    if err.status in (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED):
+        # The order is safe in Temporal, but no worker is answering for it right now.
+        return ApiError(503, "order_unavailable", "the order is safe but cannot be read now; retry")
+    return unavailable(err)
+
+
 def unavailable(err: RPCError) -> ApiError:
     log.warning("temporal call failed: %s %s", err.status, err.message)
     return ApiError(503, "temporal_unavailable", "order service unreachable; retry shortly")
@@ -306,12 +313,7 @@ async def read_order_state(
     except RPCError as err:
         if err.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
             raise ApiError(404, "order_not_found", "no order with that id") from err
-        if err.status in (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED):
-            # The order is safe in Temporal, but no worker is answering for it right now.
-            raise ApiError(
-                503, "order_unavailable", "the order is safe but cannot be read now; retry"
-            ) from err
-        raise unavailable(err) from err
+        raise _unanswered(err) from err
     data = order_json(view, admin=admin)
     if view.status == "generating":
         await _merge_progress(client, desc, data)
@@ -414,11 +416,7 @@ async def operate(client: Client, order_id: str, update: Any, *args: Any) -> dic
             # No such order, or it has closed: the read below tells which.
             await read_order(client, order_id, admin=True)
             raise ApiError(409, "not_needing_attention", "the order has closed") from err
-        if err.status in (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED):
-            raise ApiError(
-                503, "order_unavailable", "no worker answered for the order; retry"
-            ) from err
-        raise unavailable(err) from err
+        raise _unanswered(err) from err
     return await read_order(client, order_id, admin=True)
 
 

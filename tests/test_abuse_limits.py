@@ -32,7 +32,15 @@ from api.main import create_app
 from api.orders import keyed_order_id
 from api.ratelimit import client_group
 from api.streams import OrderStreams
-from tests.conftest import ADMIN_TOKEN, ServiceThread, Stack, free_port, wait_http
+from tests.conftest import (
+    ADMIN_TOKEN,
+    ServiceThread,
+    Stack,
+    checkout_event,
+    free_port,
+    sign,
+    wait_http,
+)
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, CHROMIUM_PRESENT
 from workers.api import GRACEFUL_SHUTDOWN_SECONDS, api_server
 from workers.settings import Settings
@@ -529,6 +537,33 @@ async def test_stream_ends_at_its_lifetime_with_a_reconnect_hint(stack: Stack) -
         assert events[-1]["event"] == "reconnect"
         assert int(events[-1]["retry"]) > 0
         assert (await _metrics(api.http))["streams_open"] == 0
+
+
+async def test_a_webhook_wakes_the_reader_of_its_order(stack: Stack) -> None:
+    """Item 6 (and 10c): pages watching an order show its payment as soon as the webhook
+    has signalled it, not at the reader's next poll (here a minute away)."""
+    async with own_api(stack, stream_poll_seconds=60) as api:
+        order = await _order(api.http)
+        session_id = order["checkout_url"].rsplit("/", 1)[1]
+        seen: list[dict[str, str]] = []
+        async with api.http.stream(
+            "GET", f"/api/video-orders/{order['order_id']}/events", timeout=30
+        ) as resp:
+            watching = asyncio.create_task(_events(resp, seen))
+            await _until(lambda: seen, what="the first event")
+            await stack.pay(session_id)
+            session = await stack.stripe.v1.checkout.sessions.retrieve_async(session_id)
+            body = json.dumps(checkout_event(session.to_dict(), "checkout.session.completed"))
+            delivered = await api.http.post(
+                "/webhooks/stripe",
+                content=body,
+                headers={"Stripe-Signature": sign(body.encode())},
+            )
+            assert delivered.json()["handled"] is True
+            await _until(lambda: len(seen) > 1, timeout=10, what="the paid order on the stream")
+            watching.cancel()
+        statuses = [json.loads(e["data"])["status"] for e in seen if e.get("event") == "order"]
+        assert statuses[0] == "awaiting_payment" and statuses[1] != "awaiting_payment"
 
 
 async def test_stream_ends_when_the_workflow_closes_without_a_final_status(stack: Stack) -> None:
