@@ -11,10 +11,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from temporalio.client import Client
 
+from activities.telegram import make_bot
 from api.bodylimit import BodyLimit
 from api.errors import ApiError, install_error_handlers
 from api.ratelimit import OrderRateLimit
-from api.routes import admin, pages, video_orders, webhooks
+from api.routes import admin, pages, shop, telegram, video_orders, webhooks
+from api.shop import ShopDatabase
 from api.streams import OrderStreams
 from workers.settings import Settings
 
@@ -30,6 +32,10 @@ ACKNOWLEDGED_EVENTS_KEPT = 50_000
 # megabyte.
 MAX_BODY_BYTES = 64 * 1024
 MAX_WEBHOOK_BODY_BYTES = 1024 * 1024
+# Telegram update ids remembered per process (a fast path; see api/routes/telegram.py).
+TELEGRAM_UPDATES_KEPT = 50_000
+# setWebhook is retried at start until the Bot API server answers, at most this far apart.
+SET_WEBHOOK_MAX_DELAY_SECONDS = 30.0
 
 
 def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
@@ -61,10 +67,16 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with contextlib.suppress(ApiError):
             await connect_temporal()
+        webhook = asyncio.create_task(_set_webhook(app))
         try:
             yield
         finally:
             app.state.streams.close()
+            webhook.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await webhook
+            await app.state.bot.session.close()
+            await app.state.shop_db.close()
 
     app = FastAPI(title="orderflow", lifespan=lifespan)
     app.state.settings = settings
@@ -73,11 +85,21 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
     app.state.acknowledged_events = webhooks.RecentIds(ACKNOWLEDGED_EVENTS_KEPT)
     app.state.order_rate = OrderRateLimit(settings)
     app.state.streams = OrderStreams(settings)
+    app.state.shop_db = ShopDatabase(settings)
+    app.state.bot = make_bot(settings.telegram_token, settings.telegram_base)
+    app.state.telegram_updates = webhooks.RecentIds(TELEGRAM_UPDATES_KEPT)
     install_error_handlers(app)
     app.add_middleware(
         BodyLimit, default=MAX_BODY_BYTES, by_prefix={"/webhooks/": MAX_WEBHOOK_BODY_BYTES}
     )
-    for router in (video_orders.router, webhooks.router, admin.router, pages.router):
+    for router in (
+        video_orders.router,
+        webhooks.router,
+        telegram.router,
+        admin.router,
+        *shop.routers,
+        pages.router,
+    ):
         app.include_router(router)
     pages.mount_static(app)
 
@@ -86,3 +108,24 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         return {"ok": True}
 
     return app
+
+
+async def _set_webhook(app: FastAPI) -> None:
+    """Points the bot's updates at this API (PUBLIC_URL/webhooks/telegram, with the secret),
+    retrying until the Bot API server answers: it may start after the API."""
+    settings: Settings = app.state.settings
+    url = f"{settings.public_url.rstrip('/')}/webhooks/telegram"
+    delay = 0.5
+    while True:
+        try:
+            await app.state.bot.set_webhook(
+                url,
+                secret_token=settings.telegram_secret,
+                allowed_updates=telegram.ALLOWED_UPDATES,
+            )
+            log.info("telegram webhook set to %s", url)
+            return
+        except Exception as err:  # any failure: the server is not there yet, or refused
+            log.warning("setWebhook failed (retrying in %.0f s): %s", delay, err)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, SET_WEBHOOK_MAX_DELAY_SECONDS)

@@ -1,4 +1,5 @@
-"""The sandbox app: Stripe under /stripe, SuperDuperAI under /superduperai, on one server."""
+"""The sandbox app: Stripe under /stripe, SuperDuperAI under /superduperai, Supabase's REST API
+under /supabase, on one server."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 
-from sandbox import stripe_api, stripe_checkout, superduperai
+from sandbox import postgrest, stripe_api, stripe_checkout, superduperai
 from sandbox.config import SandboxConfig
 from sandbox.stripe_core import StripeSandbox
 
@@ -20,6 +21,7 @@ def create_app(config: SandboxConfig) -> FastAPI:
     before the answer that reports it."""
     stripe = StripeSandbox(config)
     videos = superduperai.SuperDuperAISandbox(config)
+    rest = postgrest.PostgrestSandbox(config.database_url)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -29,6 +31,7 @@ def create_app(config: SandboxConfig) -> FastAPI:
         finally:
             stripe.store.flush()
             videos.store.flush()
+            await rest.close()
 
     app = FastAPI(title="orderflow sandbox", lifespan=lifespan)
 
@@ -42,6 +45,7 @@ def create_app(config: SandboxConfig) -> FastAPI:
     app.include_router(stripe_api.create_router(stripe, config.stripe_api_key))
     app.include_router(stripe_checkout.create_router(stripe))
     app.include_router(superduperai.create_router(videos, config.superduperai_token))
+    app.include_router(postgrest.create_router(rest, config.supabase_key))
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

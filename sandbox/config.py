@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workers.settings import SANDBOX_SUPABASE_KEY
+
 if TYPE_CHECKING:
     from workers.settings import Settings
 
@@ -26,6 +28,10 @@ class SandboxConfig:
     webhook_retry_seconds: float = 1.0
     # How long a "bank transfer" takes to settle after the customer submits it.
     async_payment_seconds: float = 3.0
+    # Supabase's REST API for the shop's functions (sandbox/postgrest.py): the key its
+    # callers must send, and the database whose functions it calls (None: it answers 503).
+    supabase_key: str = SANDBOX_SUPABASE_KEY
+    database_url: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> SandboxConfig:
@@ -49,6 +55,9 @@ class SandboxConfig:
             "stripe_api_key": SANDBOX_STRIPE_KEY,
             "superduperai_token": SANDBOX_SUPERDUPERAI_TOKEN,
             "video_seconds": settings.sandbox_video_seconds,
+            # Only ever the public sandbox key: a real service role key stays with Supabase.
+            "supabase_key": SANDBOX_SUPABASE_KEY,
+            "database_url": settings.database_url,
         }
         return cls(**{**values, **overrides})
 

@@ -49,6 +49,7 @@ from workers.stack import (
     apply_migrations,
     ensure_search_attributes,
     find_binary,
+    load_demo_catalog,
     search_attribute_args,
     start_embedded_postgres,
     stop_embedded_postgres,
@@ -265,6 +266,8 @@ class DevStack:
         self.printer.note(
             f"migrations applied: {', '.join(applied)}" if applied else "database up to date"
         )
+        if await load_demo_catalog(self.database_url):
+            self.printer.note("demo catalog loaded into the shop (db/demo/catalog.sql)")
 
         env = self._child_env()
         for name, module in APP_PROCESSES:

@@ -26,6 +26,13 @@ SANDBOX_STRIPE_KEY = "sk_test_sandbox"
 SANDBOX_SUPERDUPERAI_TOKEN = "sandbox-token"
 SANDBOX_WEBHOOK_SECRET = "whsec_sandbox"
 SANDBOX_IDEMPOTENCY_SECRET = "orderflow-sandbox-idempotency-secret"
+# The sandbox's Telegram bot (id 1000000001) and the secret it sends with webhook updates.
+SANDBOX_TELEGRAM_TOKEN = "1000000001:AAsandbox-bot-token-for-local-use-only"
+SANDBOX_TELEGRAM_WEBHOOK_SECRET = "orderflow-sandbox-telegram-webhook-secret"
+SANDBOX_SUPABASE_KEY = "sandbox-service-role-key"
+_TELEGRAM_TOKEN_RE = re.compile(r"^\d+:[A-Za-z0-9_-]{20,}$")
+# Telegram allows 1-256 characters A-Z, a-z, 0-9, _ and - in a webhook's secret_token.
+_TELEGRAM_SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 
 _STRIPE_KEY_RE = re.compile(r"^[sr]k_(live|test)_[A-Za-z0-9]+$")
 _WEBHOOK_SECRET_RE = re.compile(r"^whsec_[A-Za-z0-9+/=_-]+$")
@@ -123,6 +130,33 @@ class Settings(BaseSettings):
     # A stream ends after this long with a reconnect hint, so none is held for ever.
     stream_max_seconds: float = Field(default=900.0, gt=0)
 
+    # The Telegram shop (see workflows/purchase.py). Prices are minor units of shop_currency.
+    shop_currency: str = "usd"
+    # Telegram Stars charged per 1.00 of shop_currency (100 minor units), rounded up.
+    stars_per_unit: float = Field(default=50.0, gt=0, le=10000)
+    # How long an instant order holds its units while it waits for the payment.
+    reservation_ttl_seconds: int = Field(default=900, ge=60, le=86400)
+    # Unpaid orders one Telegram user may hold at once (never per address: buyers share
+    # addresses behind mobile NAT).
+    max_unpaid_orders_per_user: int = Field(default=5, ge=1, le=100)
+    max_units_per_order: int = Field(default=10, ge=1, le=1000)
+    # Refunds credit the shop balance instead of going back the way the customer paid.
+    refund_to_balance: bool = False
+    # How long an expired instant order still takes a payment that raced its expiry.
+    shop_late_payment_seconds: int = Field(default=86400, ge=0)
+
+    telegram_bot_token: str | None = None
+    # A Bot API server (https://api.telegram.org for Telegram's own); unset means the sandbox.
+    telegram_api_url: str | None = None
+    telegram_webhook_secret: str | None = None
+    # A Mini App's initData older than this is refused.
+    miniapp_initdata_max_age: int = Field(default=3600, ge=60, le=86400)
+
+    # With both set, the shop's SQL functions are called through Supabase's REST API
+    # (supabase-py rpc) instead of asyncpg on DATABASE_URL.
+    supabase_url: str | None = None
+    supabase_service_role_key: str | None = None
+
     admin_token: str | None = None
     # Server secret that turns a client's Idempotency-Key into an order id (HMAC).
     idempotency_secret: str | None = None
@@ -136,6 +170,11 @@ class Settings(BaseSettings):
         "superduperai_token",
         "admin_token",
         "idempotency_secret",
+        "telegram_bot_token",
+        "telegram_api_url",
+        "telegram_webhook_secret",
+        "supabase_url",
+        "supabase_service_role_key",
         mode="before",
     )
     @classmethod
@@ -170,6 +209,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _lower_currency(self) -> Settings:
         self.video_currency = self.video_currency.lower()
+        self.shop_currency = self.shop_currency.lower()
         return self
 
     @model_validator(mode="after")
@@ -198,6 +238,7 @@ class Settings(BaseSettings):
                 f"(it has {len(self.admin_token)}); unset it to disable the admin routes"
             )
         problems += self._stripe_problems() + self._superduperai_problems()
+        problems += self._telegram_problems() + self._supabase_problems()
         problems += self._idempotency_problems()
         return problems
 
@@ -279,6 +320,76 @@ class Settings(BaseSettings):
             )
         return problems
 
+    def _telegram_problems(self) -> list[str]:
+        token, url, secret = (
+            self.telegram_bot_token,
+            self.telegram_api_url,
+            self.telegram_webhook_secret,
+        )
+        if token is None:
+            if url and not self._is_sandbox(url):
+                return [
+                    "TELEGRAM_API_URL is set but TELEGRAM_BOT_TOKEN is not: set the bot's "
+                    "token, or unset TELEGRAM_API_URL to use the sandbox"
+                ]
+            return []
+        problems = []
+        if token == SANDBOX_TELEGRAM_TOKEN:
+            problems.append(
+                "TELEGRAM_BOT_TOKEN is the sandbox's public token: set your bot's token, or "
+                "unset it to use the sandbox"
+            )
+        elif not _TELEGRAM_TOKEN_RE.match(token):
+            problems.append("TELEGRAM_BOT_TOKEN is not a bot token (123456:ABC... from BotFather)")
+        if url is None:
+            problems.append(
+                "TELEGRAM_API_URL is required with TELEGRAM_BOT_TOKEN "
+                "(https://api.telegram.org for Telegram's Bot API)"
+            )
+        elif self._is_sandbox(url):
+            problems.append(
+                "TELEGRAM_API_URL points at the sandbox (SANDBOX_URL) while TELEGRAM_BOT_TOKEN "
+                "is set"
+            )
+        if secret is None:
+            problems.append(
+                "TELEGRAM_WEBHOOK_SECRET is required with TELEGRAM_BOT_TOKEN (the secret_token "
+                "Telegram sends with every update)"
+            )
+        elif secret == SANDBOX_TELEGRAM_WEBHOOK_SECRET:
+            problems.append("TELEGRAM_WEBHOOK_SECRET is the sandbox's public secret")
+        elif len(secret) < MIN_SECRET_LENGTH or not _TELEGRAM_SECRET_RE.match(secret):
+            problems.append(
+                f"TELEGRAM_WEBHOOK_SECRET must be {MIN_SECRET_LENGTH}-256 characters of "
+                "A-Z, a-z, 0-9, _ and -"
+            )
+        if self.stripe_sandboxed:
+            problems.append(
+                "TELEGRAM_BOT_TOKEN is set while Stripe is sandboxed: card payments would be "
+                "taken by the sandbox; set STRIPE_API_KEY and STRIPE_WEBHOOK_SECRET too"
+            )
+        if urlsplit(self.public_url).scheme != "https" or self._is_loopback(self.public_url):
+            problems.append(
+                "PUBLIC_URL must be the shop's public https address with TELEGRAM_BOT_TOKEN "
+                "(Telegram delivers updates and opens the Mini App there)"
+            )
+        return problems
+
+    def _supabase_problems(self) -> list[str]:
+        url, key = self.supabase_url, self.supabase_service_role_key
+        if url is None and key is None:
+            return []
+        if url is None or key is None:
+            return [
+                "SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY go together: set both to call the "
+                "shop's functions through Supabase, or neither to use DATABASE_URL"
+            ]
+        if key == SANDBOX_SUPABASE_KEY and not self._is_sandbox(url):
+            return ["SUPABASE_SERVICE_ROLE_KEY is the sandbox's public key"]
+        if self.production and self._is_sandbox(url):
+            return ["SUPABASE_URL points at the sandbox while a provider's key is set"]
+        return []
+
     def _idempotency_problems(self) -> list[str]:
         secret = self.idempotency_secret
         real = [
@@ -286,6 +397,7 @@ class Settings(BaseSettings):
             for name, value in (
                 ("STRIPE_API_KEY", self.stripe_api_key),
                 ("SUPERDUPERAI_TOKEN", self.superduperai_token),
+                ("TELEGRAM_BOT_TOKEN", self.telegram_bot_token),
             )
             if value is not None
         ]
@@ -331,7 +443,36 @@ class Settings(BaseSettings):
     @property
     def production(self) -> bool:
         """Some provider is real: no sandbox value may stand in for a secret any more."""
-        return not (self.stripe_sandboxed and self.superduperai_sandboxed)
+        return not (
+            self.stripe_sandboxed and self.superduperai_sandboxed and self.telegram_sandboxed
+        )
+
+    @property
+    def telegram_sandboxed(self) -> bool:
+        return not self.telegram_bot_token
+
+    @property
+    def telegram_token(self) -> str:
+        if self.telegram_sandboxed:
+            return SANDBOX_TELEGRAM_TOKEN
+        return _required(self.telegram_bot_token, "TELEGRAM_BOT_TOKEN")
+
+    @property
+    def telegram_base(self) -> str:
+        """The Bot API server's base: `{base}/bot{token}/{method}`, as aiogram builds it."""
+        if self.telegram_sandboxed:
+            return f"{self.sandbox_url.rstrip('/')}/telegram"
+        return _required(self.telegram_api_url, "TELEGRAM_API_URL").rstrip("/")
+
+    @property
+    def telegram_secret(self) -> str:
+        if self.telegram_sandboxed:
+            return self.telegram_webhook_secret or SANDBOX_TELEGRAM_WEBHOOK_SECRET
+        return _required(self.telegram_webhook_secret, "TELEGRAM_WEBHOOK_SECRET")
+
+    @property
+    def supabase_enabled(self) -> bool:
+        return bool(self.supabase_url and self.supabase_service_role_key)
 
     # The properties below return a real provider's own values or fail; they never fall
     # back to a sandbox constant (model_copy(update=...) skips the validators above).

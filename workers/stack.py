@@ -38,6 +38,7 @@ from workflows import search_attributes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS_DIR = REPO_ROOT / "db" / "migrations"
+DEMO_CATALOG = REPO_ROOT / "db" / "demo" / "catalog.sql"
 
 APP_DATABASE = "orderflow"
 
@@ -49,6 +50,7 @@ SEARCH_ATTRIBUTES: tuple[SearchAttributeKey, ...] = tuple(search_attributes.ALL)
 
 # Any fixed 64-bit number; only processes applying our migrations take this lock.
 _MIGRATION_LOCK_KEY = 0x6F72646572666C6F  # "orderflo"
+_DEMO_CATALOG_LOCK_KEY = 0x6F72646572646D6F  # "orderdmo"
 
 
 def search_attribute_args(keys: Sequence[SearchAttributeKey] = SEARCH_ATTRIBUTES) -> list[str]:
@@ -276,6 +278,25 @@ async def apply_migrations(dsn: str, migrations_dir: Path = MIGRATIONS_DIR) -> l
             return applied
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_KEY)
+    finally:
+        await conn.close()
+
+
+async def load_demo_catalog(dsn: str, path: Path = DEMO_CATALOG) -> bool:
+    """Fill an empty shop with the demo catalogue (db/demo/catalog.sql); True if it did.
+
+    A shop that has any product is left alone. The check and the load share one transaction
+    under a lock, so two processes starting together load it once. Needs the migrations.
+    """
+    sql = await asyncio.to_thread(path.read_text, encoding="utf-8")
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _DEMO_CATALOG_LOCK_KEY)
+            if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM products)"):
+                return False
+            await conn.execute(sql)
+            return True
     finally:
         await conn.close()
 

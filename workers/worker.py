@@ -17,11 +17,15 @@ from temporalio.worker import Worker
 
 from activities.payments import StripeActivities
 from activities.postgres import OrderStore, VideoStarts
+from activities.shop import ShopActivities
+from activities.shop_db import open_shop_db
 from activities.superduperai import HTTP_TIMEOUT, SuperDuperAIActivities
+from activities.telegram import TelegramActivities, make_bot
 from workers.settings import Settings, load_settings
+from workflows.purchase import PurchaseWorkflow
 from workflows.video_order import VideoOrderWorkflow
 
-WORKFLOWS = [VideoOrderWorkflow]
+WORKFLOWS = [VideoOrderWorkflow, PurchaseWorkflow]
 STRIPE_HTTP_TIMEOUT_SECONDS = 10.0
 # On SIGTERM the worker stops polling and gives running attempts this long: enough for a
 # start call or a Stripe call to finish (generation polls end their window at once).
@@ -51,18 +55,41 @@ async def activities(settings: Settings) -> AsyncIterator[list]:
     )
     payments = StripeActivities(stripe_client)
     store = OrderStore(pool)
+    bot = make_bot(settings.telegram_token, settings.telegram_base)
     try:
-        yield [
-            payments.create_checkout_session,
-            payments.settle_checkout_session,
-            payments.refund,
-            payments.payment_intent_status,
-            SuperDuperAIActivities(http, VideoStarts(pool)).generate_video,
-            store.record_notification,
-        ]
+        async with open_shop_db(settings) as shop_db:
+            shop = ShopActivities(shop_db)
+            telegram = TelegramActivities(bot, shop_db)
+            yield [
+                payments.create_checkout_session,
+                payments.settle_checkout_session,
+                payments.refund,
+                payments.payment_intent_status,
+                SuperDuperAIActivities(http, VideoStarts(pool)).generate_video,
+                store.record_notification,
+                shop.create_shop_order,
+                shop.get_shop_order,
+                shop.pay_from_balance,
+                shop.reserve_again,
+                shop.complete_purchase,
+                shop.process_prepaid_payment,
+                shop.record_payment,
+                shop.fulfill_prepaid_order,
+                shop.expire_order,
+                shop.release_reservation,
+                shop.refund_to_balance,
+                shop.credit_balance,
+                shop.record_external_refund,
+                shop.set_order_status,
+                telegram.create_invoice_link,
+                telegram.send_message,
+                telegram.deliver_order,
+                telegram.refund_star_payment,
+            ]
     finally:
         await http.aclose()
         await stripe_http.close_async()
+        await bot.session.close()
         await pool.close()
 
 

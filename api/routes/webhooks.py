@@ -12,9 +12,12 @@ from fastapi import APIRouter, Request
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from api import orders
+from api import orders, shop
 from api.deps import SettingsDep, TemporalClientDep
 from api.errors import ApiError
+from workers.settings import Settings
+from workflows import purchase
+from workflows.purchase import ORDER_KIND as PURCHASE_KIND
 from workflows.video_order import PAID_EVENTS, StripeEvent, VideoOrderWorkflow, workflow_id
 
 log = logging.getLogger(__name__)
@@ -89,19 +92,18 @@ async def stripe_webhook(
     if not isinstance(session_id, str):
         raise ApiError(400, "invalid_payload", "checkout event without a session id")
 
+    metadata = session.get("metadata") or {}
+    if metadata.get("kind") == PURCHASE_KIND:
+        await _purchase_event(request, settings, temporal, event, session)
+        acknowledged.add(event["id"])
+        return {"received": True, "handled": True}
+
     order_id = await _order_for(temporal, session)
     if order_id is None:
         log.info("stripe event %s: session %s belongs to no order", event["id"], session_id)
         return {"received": True, "handled": False}
 
-    signal = StripeEvent(
-        event_id=event["id"],
-        type=event["type"],
-        session_id=session_id,
-        payment_status=session.get("payment_status"),
-        payment_intent=_id_of(session.get("payment_intent")),
-        amount_total=session.get("amount_total"),
-    )
+    signal = _stripe_event(event, session)
     handle = temporal.get_workflow_handle(workflow_id(order_id))
     try:
         await handle.signal(VideoOrderWorkflow.stripe_event, signal)
@@ -120,6 +122,50 @@ async def stripe_webhook(
     # Pages watching this order show the change now rather than at their next poll.
     request.app.state.streams.poke(order_id)
     return {"received": True, "handled": True}
+
+
+def _stripe_event(event: dict[str, Any], session: dict[str, Any]) -> StripeEvent:
+    return StripeEvent(
+        event_id=event["id"],
+        type=event["type"],
+        session_id=session["id"],
+        payment_status=session.get("payment_status"),
+        payment_intent=_id_of(session.get("payment_intent")),
+        amount_total=session.get("amount_total"),
+    )
+
+
+async def _purchase_event(
+    request: Request,
+    settings: Settings,
+    temporal: Client,
+    event: dict[str, Any],
+    session: dict[str, Any],
+) -> None:
+    """A checkout of a shop purchase: the same event, signalled to the purchase workflow."""
+    signal = _stripe_event(event, session)
+    order_id = shop.check_order_id(str((session.get("metadata") or {}).get("order_id")))
+    handle = temporal.get_workflow_handle(purchase.workflow_id(order_id))
+    try:
+        await handle.signal(purchase.PurchaseWorkflow.stripe_event, signal)
+        return
+    except RPCError as err:
+        if err.status != RPCStatusCode.NOT_FOUND:
+            raise orders.unavailable(err) from err
+    if signal.type not in PAID_EVENTS or signal.payment_status != "paid":
+        return
+    # Paid, and the order's workflow has closed: the money goes back unless it is the
+    # payment the order took.
+    row = await request.app.state.shop_db.call("get_order", {"p_order_id": order_id})
+    payment = purchase.Payment(
+        "stripe",
+        signal.payment_intent or signal.session_id,
+        signal.amount_total or 0,
+        str(session.get("currency") or settings.shop_currency),
+    )
+    await shop.payment_for_closed_order(
+        temporal, settings, order_id, payment, int(row["telegram_id"]) if row else 0
+    )
 
 
 async def _order_for(temporal: Client, session: dict[str, Any]) -> str | None:

@@ -1,0 +1,191 @@
+"""Telegram's webhook: check the secret, act once per update, answer at once.
+
+Payments go to their purchase workflow (which dedupes charges itself); a pre-checkout query
+is answered from the workflow's state, well inside Telegram's 10 s; commands are answered
+from the shop's database, each update once (its id is claimed in Postgres first).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from typing import Annotated, Any
+
+from aiogram import Bot
+from aiogram.exceptions import TelegramAPIError
+from aiogram.types import Message, PreCheckoutQuery, Update
+from fastapi import APIRouter, Header, Request
+from pydantic import ValidationError
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.telegram import Button, keyboard
+from api import shop
+from api.deps import SettingsDep
+from api.errors import ApiError
+from api.orders import QUERY_TIMEOUT, unavailable
+from api.routes.webhooks import RecentIds
+from workers.settings import Settings
+from workflows.purchase import (
+    STARS,
+    Payment,
+    PreCheckout,
+    PurchaseWorkflow,
+    StarsPayment,
+    format_money,
+    workflow_id,
+)
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+
+# The updates the shop's bot asks Telegram for (setWebhook's allowed_updates).
+ALLOWED_UPDATES = ["message", "callback_query", "pre_checkout_query"]
+HELP = (
+    "This shop sells digital goods. /start opens the catalog, /orders lists your orders, "
+    "/balance shows your balance."
+)
+
+
+def check_secret(settings: Settings, given: str | None) -> None:
+    expected = settings.telegram_secret.encode()
+    if given is None or not secrets.compare_digest(given.encode(), expected):
+        raise ApiError(401, "unauthorized", "X-Telegram-Bot-Api-Secret-Token is wrong")
+
+
+@router.post("/telegram")
+async def telegram_webhook(
+    request: Request,
+    settings: SettingsDep,
+    x_telegram_bot_api_secret_token: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    check_secret(settings, x_telegram_bot_api_secret_token)
+    try:
+        update = Update.model_validate(json.loads(await request.body()))
+    except (json.JSONDecodeError, UnicodeDecodeError, ValidationError) as err:
+        raise ApiError(400, "invalid_payload", "body is not a Telegram update") from err
+    seen: RecentIds = request.app.state.telegram_updates
+    if str(update.update_id) in seen:
+        return {"ok": True, "duplicate": True}
+    state = request.app.state
+    if update.pre_checkout_query is not None:
+        await _pre_checkout(state, update.pre_checkout_query)
+    elif update.message is not None and update.message.successful_payment is not None:
+        await _stars_paid(state, update.message)
+    elif update.message is not None and update.message.text is not None:
+        await _text(state, update.update_id, update.message)
+    elif update.callback_query is not None:
+        await _quietly(state.bot.answer_callback_query(update.callback_query.id))
+    seen.add(str(update.update_id))
+    return {"ok": True}
+
+
+async def _temporal(state: Any) -> Client:
+    return state.temporal or await state.connect_temporal()
+
+
+async def _pre_checkout(state: Any, query: PreCheckoutQuery) -> None:
+    """ok only while the order waits for exactly this payment (its update's validator)."""
+    bot: Bot = state.bot
+    order_id = query.invoice_payload
+    error = None
+    try:
+        shop.check_order_id(order_id)
+        handle = (await _temporal(state)).get_workflow_handle_for(
+            PurchaseWorkflow.run, workflow_id(order_id)
+        )
+        await handle.execute_update(
+            PurchaseWorkflow.approve_stars_checkout,
+            PreCheckout(query.total_amount, query.currency, query.from_user.id),
+            rpc_timeout=QUERY_TIMEOUT,
+        )
+    except WorkflowUpdateFailedError as err:
+        cause = err.cause
+        error = cause.message if isinstance(cause, ApplicationError) else "Order unavailable."
+    except RPCError as err:
+        error = (
+            "This order has expired."
+            if err.status == RPCStatusCode.NOT_FOUND
+            else "The shop cannot take payments right now; try again in a minute."
+        )
+    except ApiError as err:
+        error = "This order does not exist." if err.status == 404 else err.detail
+    if error is None:
+        await _quietly(bot.answer_pre_checkout_query(query.id, ok=True))
+    else:
+        await _quietly(bot.answer_pre_checkout_query(query.id, ok=False, error_message=error))
+
+
+async def _stars_paid(state: Any, message: Message) -> None:
+    paid = message.successful_payment
+    assert paid is not None
+    payer = message.from_user.id if message.from_user else message.chat.id
+    order_id = paid.invoice_payload
+    payment = StarsPayment(paid.telegram_payment_charge_id, paid.total_amount, paid.currency, payer)
+    temporal = await _temporal(state)
+    try:
+        shop.check_order_id(order_id)
+        handle = temporal.get_workflow_handle_for(PurchaseWorkflow.run, workflow_id(order_id))
+        await handle.signal(PurchaseWorkflow.stars_paid, payment)
+        return
+    except ApiError:
+        log.warning("stars payment %s names no order: %r", payment.charge_id, order_id)
+    except RPCError as err:
+        if err.status != RPCStatusCode.NOT_FOUND:
+            raise unavailable(err) from err  # a 5xx: Telegram delivers the update again
+    # Money for an order whose workflow has closed (or that never was) must go back.
+    await shop.payment_for_closed_order(
+        temporal,
+        state.settings,
+        order_id,
+        Payment("stars", payment.charge_id, payment.amount, STARS, payer),
+        payer,
+    )
+
+
+async def _text(state: Any, update_id: int, message: Message) -> None:
+    db: shop.ShopDatabase = state.shop_db
+    claimed = await db.call("claim_telegram_update", {"p_update_id": update_id})
+    if not claimed.get("claimed"):
+        return  # answered when this update came the first time
+    settings: Settings = state.settings
+    chat_id = message.chat.id
+    user_id = message.from_user.id if message.from_user else chat_id
+    command = (message.text or "").split(maxsplit=1)[0].split("@")[0].lower()
+    buttons: list[Button] = []
+    if command == "/start":
+        text = "Welcome! Browse the catalog and buy in the shop."
+        buttons = [Button("Open the shop", web_app_url=shop.app_url(settings))]
+    elif command == "/orders":
+        overview = await db.call("user_overview", {"p_telegram_id": user_id, "p_limit": 10})
+        orders = overview["orders"]
+        text = (
+            "Your orders:\n"
+            + "\n".join(
+                f"• {o['product_name']} x {o['quantity']}: {o['status']} "
+                f"({format_money(o['amount'], o['currency'])})"
+                for o in orders
+            )
+            if orders
+            else "You have no orders yet."
+        )
+        buttons = [Button("Open the shop", web_app_url=shop.app_url(settings))]
+    elif command == "/balance":
+        overview = await db.call("user_overview", {"p_telegram_id": user_id, "p_limit": 1})
+        text = f"Your balance: {format_money(overview['balance'], settings.shop_currency)}"
+    elif command == "/help":
+        text = HELP
+    else:
+        text = "I can help you buy digital goods. " + HELP
+        buttons = [Button("Open the shop", web_app_url=shop.app_url(settings))]
+    await _quietly(state.bot.send_message(chat_id, text, reply_markup=keyboard(buttons)))
+
+
+async def _quietly(call: Any) -> None:
+    """A reply that fails (Telegram down, the user blocked the bot) changes nothing else."""
+    try:
+        await call
+    except TelegramAPIError as err:
+        log.warning("telegram call failed: %s", err)
