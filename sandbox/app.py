@@ -9,9 +9,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 
-from sandbox import postgrest, stripe_api, stripe_checkout, superduperai
+from sandbox import postgrest, stripe_api, stripe_checkout, superduperai, telegram
 from sandbox.config import SandboxConfig
 from sandbox.stripe_core import StripeSandbox
+from sandbox.telegram_core import TelegramSandbox
 
 __all__ = ["SandboxConfig", "create_app"]
 
@@ -21,16 +22,18 @@ def create_app(config: SandboxConfig) -> FastAPI:
     before the answer that reports it."""
     stripe = StripeSandbox(config)
     videos = superduperai.SuperDuperAISandbox(config)
+    bot_api = TelegramSandbox(config)
     rest = postgrest.PostgrestSandbox(config.database_url)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         try:
-            async with stripe.running():
+            async with stripe.running(), bot_api.running():
                 yield
         finally:
             stripe.store.flush()
             videos.store.flush()
+            bot_api.store.flush()
             await rest.close()
 
     app = FastAPI(title="orderflow sandbox", lifespan=lifespan)
@@ -41,10 +44,12 @@ def create_app(config: SandboxConfig) -> FastAPI:
         # As at the real services, what a client is told has been stored.
         await stripe.store.written()
         await videos.store.written()
+        await bot_api.store.written()
         return response
     app.include_router(stripe_api.create_router(stripe, config.stripe_api_key))
     app.include_router(stripe_checkout.create_router(stripe))
     app.include_router(superduperai.create_router(videos, config.superduperai_token))
+    app.include_router(telegram.create_router(bot_api))
     app.include_router(postgrest.create_router(rest, config.supabase_key))
 
     @app.get("/healthz", include_in_schema=False)

@@ -32,6 +32,12 @@ class SandboxConfig:
     # callers must send, and the database whose functions it calls (None: it answers 503).
     supabase_key: str = SANDBOX_SUPABASE_KEY
     database_url: str | None = None
+    # Telegram (sandbox/telegram*.py): a chat takes about one message per interval (0: no
+    # limit); a failed webhook delivery is retried after this, doubling; a payer waits this
+    # long for the bot to answer the pre-checkout query (10 s at Telegram).
+    telegram_chat_interval_seconds: float = 1.0
+    telegram_webhook_retry_seconds: float = 1.0
+    telegram_precheckout_timeout_seconds: float = 10.0
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> SandboxConfig:
