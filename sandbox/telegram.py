@@ -10,8 +10,9 @@ Control (not Telegram's API; JSON, errors as {"error", "detail"}), under /telegr
   POST /users/{user_id}/callback {message_id, data} -> {update_id, callback_query_id}:
        the user presses a callback button of one of the bot's messages (404 if no such button)
   GET  /callbacks/{callback_query_id} -> {callback_query_id, answered, text?, show_alert?, url?}
-  POST /invoices/{slug}/pay {user_id, first_name?, username?} -> {status: paid | declined |
-       timeout, telegram_payment_charge_id?, error_message?, update_ids}: waits for the handshake
+  POST /invoices/{slug}/pay {user_id, first_name?, username?, payment_delay_seconds?}
+       -> {status: paid | declined | timeout, telegram_payment_charge_id?, error_message?,
+       update_ids}: waits for the handshake
   GET  /invoices/{slug} -> {slug, link, title, description, payload, currency, amount, prices,
        created, paid, charges: [...], attempts: [...]}
   GET  /chats -> [{id, type, first_name, username?, blocked, messages, last_message}]
@@ -72,6 +73,8 @@ class CallbackPress(BaseModel):
 
 class PayInvoice(BaseModel):
     user_id: int = Field(gt=0)
+    # Seconds between the bot's ok and the payment (a slow payment step at Telegram).
+    payment_delay_seconds: float = Field(default=0.0, ge=0, le=120)
     first_name: str | None = None
     username: str | None = None
 
@@ -189,7 +192,9 @@ def _control(tg: TelegramSandbox) -> APIRouter:
         names = {"first_name": body.first_name, "username": body.username}
         try:
             # The whole link works too: https://t.me/$<slug>
-            return await tg.stars.pay(slug.rsplit("$", 1)[-1], body.user_id, **names)
+            return await tg.stars.pay(
+                slug.rsplit("$", 1)[-1], body.user_id, body.payment_delay_seconds, **names
+            )
         except KeyError:
             return _error(404, "not_found", "no such invoice")
 

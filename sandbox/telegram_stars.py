@@ -88,8 +88,13 @@ class TelegramStars:
         self.store.save()
         return f"https://t.me/${slug}"
 
-    async def pay(self, slug: str, user_id: int, **names: str | None) -> dict[str, Any]:
+    async def pay(
+        self, slug: str, user_id: int, delay: float = 0.0, **names: str | None
+    ) -> dict[str, Any]:
         """A user pays an invoice link: the pre-checkout handshake, then the payment or not.
+
+        `delay` holds the payment that long after the bot's ok (Telegram's payment step can
+        take a while), so a test can make it arrive after the order stopped waiting.
 
         Raises KeyError for an unknown slug. Links stay payable, as at Telegram: paying twice
         makes two charges (the bot must dedupe by invoice payload).
@@ -116,6 +121,7 @@ class TelegramStars:
             outcome = {"status": "timeout", "error_message": "the bot did not answer in time"}
         else:
             if ok:
+                await asyncio.sleep(delay)
                 charge_id = "stxSandbox" + secrets.token_urlsafe(24)
                 payment = {
                     "currency": invoice["currency"],

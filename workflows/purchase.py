@@ -58,9 +58,6 @@ FINAL_STATUSES = frozenset({"delivered", "expired", "refunded", "failed"})
 NEEDS_ATTENTION = "needs_attention"
 STARS = "XTR"
 
-# Telegram answers a pre-checkout query's approval with the payment within seconds; an
-# approval just before the reservation ends keeps the order waiting this much longer.
-PRECHECKOUT_GRACE = timedelta(seconds=30)
 # Creating the payment link while the customer waits for the order's answer.
 PLACEMENT_TIMEOUT = timedelta(minutes=2)
 # Telegram may rate-limit a chat for minutes; the goods are the buyer's either way (the
@@ -205,6 +202,8 @@ class PurchaseInput:
     success_url: str
     cancel_url: str
     app_url: str
+    # How long an approved Stars checkout keeps the order waiting past its reservation.
+    precheckout_grace_seconds: int = 30
     # A new run of an order whose workflow had closed when a payment for it arrived: it
     # starts from the closed run's view and gives back what `refund_payment` signals.
     refund_only: bool = False
@@ -496,7 +495,8 @@ class PurchaseWorkflow:
         if self._view.reserved_until is not None:
             end = datetime.fromisoformat(self._view.reserved_until)
         if self._approved_at is not None:
-            end = max(end, self._approved_at + PRECHECKOUT_GRACE)
+            grace = timedelta(seconds=self._in.precheckout_grace_seconds)
+            end = max(end, self._approved_at + grace)
         return end
 
     async def _settle_stripe(self) -> None:
@@ -734,12 +734,10 @@ class PurchaseWorkflow:
                     self._take(
                         await self._db(
                             ShopActivities.record_external_refund,
+                            # The order's own amount: what the Stars or card
+                            # payment stood for in the shop's currency.
                             ExternalRefund(
-                                o.order_id,
-                                payment.method,
-                                payment.reference,
-                                payment.amount,
-                                reason,
+                                o.order_id, payment.method, payment.reference, view.amount, reason
                             ),
                         )
                     )

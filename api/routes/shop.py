@@ -75,6 +75,18 @@ async def create_order(
         raise ApiError(
             409, "out_of_stock", f"only {product['available']} of this product are in stock"
         )
+    if body.payment_method == "balance":
+        # No unit sells below the product's final price (the view's next unit is the
+        # cheapest), so a balance short of that many is short for certain.
+        unit = product["price"] if product["available"] < body.quantity else product["final_price"]
+        overview = await db.call("user_overview", {"p_telegram_id": user.id, "p_limit": 1})
+        if overview["balance"] < unit * body.quantity:
+            raise ApiError(
+                402,
+                "insufficient_balance",
+                f"the order costs at least {unit * body.quantity}, the balance is "
+                f"{overview['balance']}",
+            )
     view = await shop.place_order(temporal, settings, order)
     return shop.placed_json(view)
 
