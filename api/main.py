@@ -72,9 +72,9 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
             yield
         finally:
             app.state.streams.close()
-            webhook.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await webhook
+            for task in (webhook, *app.state.reply_tasks):
+                task.cancel()
+            await asyncio.gather(webhook, *app.state.reply_tasks, return_exceptions=True)
             await app.state.bot.session.close()
             await app.state.shop_db.close()
 
@@ -88,6 +88,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
     app.state.shop_db = ShopDatabase(settings)
     app.state.bot = make_bot(settings.telegram_token, settings.telegram_base)
     app.state.telegram_updates = webhooks.RecentIds(TELEGRAM_UPDATES_KEPT)
+    app.state.reply_tasks = set()  # command answers still being sent (api/routes/telegram.py)
     install_error_handlers(app)
     app.add_middleware(
         BodyLimit, default=MAX_BODY_BYTES, by_prefix={"/webhooks/": MAX_WEBHOOK_BODY_BYTES}

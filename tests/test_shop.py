@@ -427,3 +427,33 @@ async def test_supplier_tokens(shop: Shop) -> None:
     assert listed.json()["orders"] == []
     mine = await shop.api.get("/api/suppliers/orders", headers={"Authorization": f"Bearer {token}"})
     assert [o["order_id"] for o in mine.json()["orders"]] == [order["order_id"]]
+
+
+async def test_bot_commands_answer_once_per_update(shop: Shop) -> None:
+    user = new_user_id()
+    await shop.credit(user, 1234)
+
+    async def say(text: str) -> int:
+        resp = await shop.sandbox.post(
+            f"/telegram/_sandbox/users/{user}/messages", json={"text": text}
+        )
+        assert resp.status_code == 200, resp.text
+        return resp.json()["update_id"]
+
+    start = await say("/start")
+    welcome = await shop.wait_message(user, "Welcome")
+    [[button]] = welcome["reply_markup"]["inline_keyboard"]
+    assert button["web_app"]["url"] == f"{shop.stack.api_url}/app"
+    await say("/balance")
+    await shop.wait_message(user, "12.34 USD")
+    await say("/orders")
+    await shop.wait_message(user, "no orders yet")
+    await say("/help")
+    await shop.wait_message(user, "/orders lists your orders")
+    # Telegram delivering /start again (a lost answer on its side) gets no second welcome.
+    resp = await shop.sandbox.post(f"/telegram/_sandbox/updates/{start}/redeliver")
+    assert resp.status_code == 200, resp.text
+    await say("hello")
+    await shop.wait_message(user, "I can help you buy")
+    texts = [m["text"] for m in await shop.messages(user)]
+    assert sum("Welcome" in t for t in texts) == 1

@@ -7,13 +7,14 @@ from the shop's database, each update once (its id is claimed in Postgres first)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
 from typing import Annotated, Any
 
 from aiogram import Bot
-from aiogram.exceptions import TelegramAPIError
+from aiogram.exceptions import TelegramAPIError, TelegramRetryAfter
 from aiogram.types import Message, PreCheckoutQuery, Update
 from fastapi import APIRouter, Header, Request
 from pydantic import ValidationError
@@ -43,6 +44,8 @@ router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 
 # The updates the shop's bot asks Telegram for (setWebhook's allowed_updates).
 ALLOWED_UPDATES = ["message", "callback_query", "pre_checkout_query"]
+REPLY_ATTEMPTS = 4
+REPLY_MAX_WAIT_SECONDS = 30
 HELP = (
     "This shop sells digital goods. /start opens the catalog, /orders lists your orders, "
     "/balance shows your balance."
@@ -180,7 +183,33 @@ async def _text(state: Any, update_id: int, message: Message) -> None:
     else:
         text = "I can help you buy digital goods. " + HELP
         buttons = [Button("Open the shop", web_app_url=shop.app_url(settings))]
-    await _quietly(state.bot.send_message(chat_id, text, reply_markup=keyboard(buttons)))
+    _reply_soon(state, chat_id, text, buttons)
+
+
+def _reply_soon(state: Any, chat_id: int, text: str, buttons: list[Button]) -> None:
+    """Sends the answer after the webhook has been answered, waiting out Telegram's 429s.
+
+    Telegram allows about one message a second per chat, so a customer who sends commands
+    quickly meets its flood control; the answer then waits the `retry_after` it asked for
+    instead of being dropped. A few tries only: it is an answer to a command, and the
+    customer can ask again.
+    """
+
+    async def send() -> None:
+        for _ in range(REPLY_ATTEMPTS):
+            try:
+                await state.bot.send_message(chat_id, text, reply_markup=keyboard(buttons))
+                return
+            except TelegramRetryAfter as err:
+                await asyncio.sleep(min(err.retry_after, REPLY_MAX_WAIT_SECONDS))
+            except TelegramAPIError as err:
+                log.warning("reply to chat %s failed: %s", chat_id, err)
+                return
+        log.warning("reply to chat %s dropped: still rate-limited", chat_id)
+
+    task = asyncio.create_task(send())
+    state.reply_tasks.add(task)
+    task.add_done_callback(state.reply_tasks.discard)
 
 
 async def _quietly(call: Any) -> None:
