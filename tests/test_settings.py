@@ -45,6 +45,13 @@ LIVE: dict[str, Any] = {
     "superduperai_url": "https://editor.superduperai.co",
 }
 SANDBOX_URL = "http://127.0.0.1:8100"  # Settings' default
+# A real bot next to LIVE's real Stripe.
+BOT: dict[str, Any] = {
+    **LIVE,
+    "telegram_bot_token": "7000000001:AAreal-bot-token-0123456789abcdef",
+    "telegram_api_url": "https://api.telegram.org",
+    "telegram_webhook_secret": "t" * 40,
+}
 
 
 def build(**values: Any) -> Settings:
@@ -163,7 +170,63 @@ REFUSALS: dict[str, tuple[dict[str, Any], str]] = {
         "STRIPE_API_BASE points at the sandbox",
     ),
     "order rate of zero": ({"order_rate_limit": "0/minute"}, "ORDER_RATE_LIMIT"),
+    "bot token without its webhook secret": (
+        {**BOT, "telegram_webhook_secret": None},
+        "TELEGRAM_WEBHOOK_SECRET is required",
+    ),
+    "bot token without a Bot API server": (
+        {**BOT, "telegram_api_url": None},
+        "TELEGRAM_API_URL is required",
+    ),
+    "bot token that is the sandbox's": (
+        {**BOT, "telegram_bot_token": "1000000001:AAsandbox-bot-token-for-local-use-only"},
+        "TELEGRAM_BOT_TOKEN is the sandbox's",
+    ),
+    "bot pointed at the sandbox": (
+        {**BOT, "telegram_api_url": "http://localhost:8100/telegram"},
+        "TELEGRAM_API_URL points at the sandbox",
+    ),
+    "short telegram webhook secret": (
+        {**BOT, "telegram_webhook_secret": "short"},
+        "TELEGRAM_WEBHOOK_SECRET must be",
+    ),
+    "real bot with sandboxed Stripe": (
+        {
+            "telegram_bot_token": BOT["telegram_bot_token"],
+            "telegram_api_url": BOT["telegram_api_url"],
+            "telegram_webhook_secret": BOT["telegram_webhook_secret"],
+            "idempotency_secret": "i" * 40,
+            "public_url": "https://shop.example.com",
+        },
+        "TELEGRAM_BOT_TOKEN is set while Stripe is sandboxed",
+    ),
+    "real bot on a local public url": (
+        {**BOT, "public_url": "http://127.0.0.1:8000"},
+        "PUBLIC_URL must be the shop's public https address with TELEGRAM_BOT_TOKEN",
+    ),
+    "real Bot API server without a token": (
+        {"telegram_api_url": "https://api.telegram.org"},
+        "TELEGRAM_API_URL is set but TELEGRAM_BOT_TOKEN is not",
+    ),
+    "supabase url without its key": (
+        {"supabase_url": "https://x.supabase.co"},
+        "SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY go together",
+    ),
+    "supabase with the sandbox's key": (
+        {
+            "supabase_url": "https://x.supabase.co",
+            "supabase_service_role_key": "sandbox-service-role-key",
+        },
+        "SUPABASE_SERVICE_ROLE_KEY is the sandbox's public key",
+    ),
 }
+
+
+def test_a_real_bot_with_real_stripe_is_accepted() -> None:
+    settings = build(**BOT)
+    assert settings.production and not settings.telegram_sandboxed
+    assert settings.telegram_base == "https://api.telegram.org"
+    assert settings.telegram_secret == BOT["telegram_webhook_secret"]
 
 
 @pytest.mark.parametrize(("values", "message"), REFUSALS.values(), ids=REFUSALS.keys())
