@@ -67,7 +67,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with contextlib.suppress(ApiError):
             await connect_temporal()
-        webhook = asyncio.create_task(_set_webhook(app))
+        webhook = asyncio.create_task(_set_webhook(app) if app.state.bot else asyncio.sleep(0))
         try:
             yield
         finally:
@@ -75,7 +75,8 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
             for task in (webhook, *app.state.reply_tasks):
                 task.cancel()
             await asyncio.gather(webhook, *app.state.reply_tasks, return_exceptions=True)
-            await app.state.bot.session.close()
+            if app.state.bot is not None:
+                await app.state.bot.session.close()
             await app.state.shop_db.close()
 
     app = FastAPI(title="orderflow", lifespan=lifespan)
@@ -86,7 +87,10 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
     app.state.order_rate = OrderRateLimit(settings)
     app.state.streams = OrderStreams(settings)
     app.state.shop_db = ShopDatabase(settings)
-    app.state.bot = make_bot(settings.telegram_token, settings.telegram_base)
+    # No bot at all while the shop is off (real providers, no TELEGRAM_BOT_TOKEN).
+    app.state.bot = (
+        make_bot(settings.telegram_token, settings.telegram_base) if settings.shop_enabled else None
+    )
     app.state.telegram_updates = webhooks.RecentIds(TELEGRAM_UPDATES_KEPT)
     app.state.reply_tasks = set()  # command answers still being sent (api/routes/telegram.py)
     install_error_handlers(app)

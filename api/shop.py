@@ -133,9 +133,19 @@ class TelegramUser:
     username: str | None
 
 
+def require_shop(settings: Settings) -> None:
+    if not settings.shop_enabled:
+        raise ApiError(
+            503,
+            "shop_disabled",
+            "the Telegram shop needs TELEGRAM_BOT_TOKEN when a provider's key is set",
+        )
+
+
 def miniapp_user(settings: Settings, authorization: str | None) -> TelegramUser:
     """The Telegram user that signed `Authorization: tma <initData>`, checked with aiogram's
     helper against the bot token; the identity never comes from anywhere else."""
+    require_shop(settings)
     scheme, _, init_data = (authorization or "").partition(" ")
     if scheme.lower() != "tma" or not init_data.strip():
         raise ApiError(401, "unauthorized", "Authorization: tma <initData> is required")

@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
+from api.main import create_app
 from sandbox.config import SandboxConfig
 from workers.settings import (
     SANDBOX_IDEMPOTENCY_SECRET,
@@ -405,3 +407,24 @@ def test_removed_settings_are_refused(monkeypatch: pytest.MonkeyPatch, tmp_path:
     ]
     monkeypatch.delenv("VIDEO_PRICE")
     assert removed_settings(str(tmp_path / "absent.env")) == []
+
+
+async def test_production_without_a_bot_turns_the_shop_off() -> None:
+    """With real providers and no bot token, the sandbox's public bot token signs nothing:
+    the shop's routes answer 503 and no process holds a bot."""
+    settings = build(**REAL)
+    assert not settings.shop_enabled
+    with pytest.raises(RuntimeError):
+        _ = settings.telegram_token
+    app = create_app(settings)
+    assert app.state.bot is None
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+        for method, path in (
+            ("GET", "/api/shop/products"),
+            ("POST", "/webhooks/telegram"),
+        ):
+            resp = await http.request(method, path, headers={"Authorization": "tma x"}, json={})
+            assert resp.status_code == 503, (path, resp.text)
+            assert resp.json()["error"] == "shop_disabled"
+    assert build().shop_enabled and build(**BOT).shop_enabled

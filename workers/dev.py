@@ -508,6 +508,7 @@ class DevStack:
         rows = [
             ("App", self._api_url()),
             ("Admin", f"{self._api_url()}/admin (token {self.admin_token})"),
+            ("Mini App", f"{self._api_url()}/app?user=1001 (any ?user= is a customer)"),
         ]
         if self.own_temporal:
             rows.append(("Temporal UI", f"http://127.0.0.1:{self.args.ui_port}"))
@@ -519,6 +520,12 @@ class DevStack:
                 + ("" if self.own_temporal else " [external]"),
             ),
             ("Sandbox", self.settings.sandbox_url),
+            (
+                "Telegram",
+                f"{self.settings.telegram_base}/ (chats with the bot)"
+                if self.settings.telegram_sandboxed
+                else f"{self.settings.telegram_base} [real bot]",
+            ),
             ("Postgres", _redact(self.database_url) + ("" if self.own_postgres else " [external]")),
             ("Data", f"{self.data_dir} (logs in {self._rel(self.log_dir)})"),
         ]

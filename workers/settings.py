@@ -410,8 +410,7 @@ class Settings(BaseSettings):
             ]
         if real and secret == SANDBOX_IDEMPOTENCY_SECRET:
             return [
-                "IDEMPOTENCY_SECRET is the sandbox's public value: set a random secret of your "
-                "own"
+                "IDEMPOTENCY_SECRET is the sandbox's public value: set a random secret of your own"
             ]
         if len(secret) < MIN_SECRET_LENGTH:
             return [
@@ -452,8 +451,17 @@ class Settings(BaseSettings):
         return not self.telegram_bot_token
 
     @property
+    def shop_enabled(self) -> bool:
+        """The Telegram shop runs with a real bot, or wholly in the sandbox. Never with the
+        sandbox's public bot token next to real providers: anyone could sign Mini App
+        initData with it and act as any customer."""
+        return not (self.telegram_sandboxed and self.production)
+
+    @property
     def telegram_token(self) -> str:
         if self.telegram_sandboxed:
+            if self.production:
+                raise RuntimeError("TELEGRAM_BOT_TOKEN is required for the shop in production")
             return SANDBOX_TELEGRAM_TOKEN
         return _required(self.telegram_bot_token, "TELEGRAM_BOT_TOKEN")
 
@@ -467,6 +475,8 @@ class Settings(BaseSettings):
     @property
     def telegram_secret(self) -> str:
         if self.telegram_sandboxed:
+            if self.production:
+                raise RuntimeError("TELEGRAM_WEBHOOK_SECRET is required for the shop")
             return self.telegram_webhook_secret or SANDBOX_TELEGRAM_WEBHOOK_SECRET
         return _required(self.telegram_webhook_secret, "TELEGRAM_WEBHOOK_SECRET")
 

@@ -55,11 +55,14 @@ async def activities(settings: Settings) -> AsyncIterator[list]:
     )
     payments = StripeActivities(stripe_client)
     store = OrderStore(pool)
-    bot = make_bot(settings.telegram_token, settings.telegram_base)
+    bot = (
+        make_bot(settings.telegram_token, settings.telegram_base) if settings.shop_enabled else None
+    )
     try:
         async with open_shop_db(settings) as shop_db:
             shop = ShopActivities(shop_db)
-            telegram = TelegramActivities(bot, shop_db)
+            # With the shop off no purchase starts, so no bot is needed.
+            telegram = TelegramActivities(bot, shop_db) if bot else None
             yield [
                 payments.create_checkout_session,
                 payments.settle_checkout_session,
@@ -81,15 +84,22 @@ async def activities(settings: Settings) -> AsyncIterator[list]:
                 shop.credit_balance,
                 shop.record_external_refund,
                 shop.set_order_status,
-                telegram.create_invoice_link,
-                telegram.send_message,
-                telegram.deliver_order,
-                telegram.refund_star_payment,
+                *(
+                    [
+                        telegram.create_invoice_link,
+                        telegram.send_message,
+                        telegram.deliver_order,
+                        telegram.refund_star_payment,
+                    ]
+                    if telegram
+                    else []
+                ),
             ]
     finally:
         await http.aclose()
         await stripe_http.close_async()
-        await bot.session.close()
+        if bot is not None:
+            await bot.session.close()
         await pool.close()
 
 

@@ -64,6 +64,7 @@ async def telegram_webhook(
     settings: SettingsDep,
     x_telegram_bot_api_secret_token: Annotated[str | None, Header()] = None,
 ) -> dict[str, Any]:
+    shop.require_shop(settings)
     check_secret(settings, x_telegram_bot_api_secret_token)
     try:
         update = Update.model_validate(json.loads(await request.body()))
