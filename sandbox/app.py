@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 
-from sandbox import postgrest, stripe_api, stripe_checkout, superduperai, telegram
+from sandbox import postgrest, stripe_api, stripe_checkout, superduperai, telegram, webapp
 from sandbox.config import SandboxConfig
 from sandbox.stripe_core import StripeSandbox
 from sandbox.telegram_core import TelegramSandbox
@@ -50,6 +50,7 @@ def create_app(config: SandboxConfig) -> FastAPI:
     app.include_router(stripe_checkout.create_router(stripe))
     app.include_router(superduperai.create_router(videos, config.superduperai_token))
     app.include_router(telegram.create_router(bot_api))
+    app.include_router(webapp.create_router(bot_api, config.public_url))
     app.include_router(postgrest.create_router(rest, config.supabase_key))
 
     @app.get("/healthz", include_in_schema=False)

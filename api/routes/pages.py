@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, get_args
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -275,3 +276,47 @@ async def admin_files(request: Request, settings: SettingsDep) -> Response:
     # The token is checked by the JSON API the page calls; here we only know whether one
     # is configured at all.
     return render(request, "admin.html", {"enabled": bool(settings.admin_token)})
+
+
+# --- the shop's Mini App ----------------------------------------------------------------
+
+TELEGRAM_WEB_APP_JS = "https://telegram.org/js/telegram-web-app.js"
+_SANDBOX_USER_DEFAULT = 1001
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+@router.get("/app")
+async def miniapp(request: Request, settings: SettingsDep, user: str | None = None) -> Response:
+    """The Mini App: everything it shows comes from /api/shop with the initData that
+    Telegram's script (or, in the sandbox, its stand-in) provides."""
+    if settings.telegram_sandboxed:
+        # In a plain browser during development: act as the user in ?user= (digits only).
+        user_id = int(user) if user and user.isdigit() and len(user) <= 15 else None
+        script = (
+            f"{settings.sandbox_url.rstrip('/')}/webapp/telegram-web-app.js"
+            f"?user_id={user_id or _SANDBOX_USER_DEFAULT}"
+        )
+    else:
+        script = TELEGRAM_WEB_APP_JS
+    script_origin = _origin(script)
+    headers = {
+        **PAGE_HEADERS,
+        # Telegram's web clients show a Mini App in a frame; its script (or the sandbox's
+        # stand-in, which also pays invoices on the sandbox) is the only other origin.
+        "Content-Security-Policy": (
+            f"default-src 'self'; script-src 'self' {script_origin}; "
+            f"connect-src 'self' {script_origin}; img-src 'self' data: https:; "
+            "object-src 'none'; base-uri 'none'; "
+            "frame-ancestors https://web.telegram.org https://*.telegram.org"
+        ),
+    }
+    return templates.TemplateResponse(
+        request,
+        "miniapp.html",
+        {"webapp_script": script, "currency": settings.shop_currency},
+        headers=headers,
+    )
