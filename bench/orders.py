@@ -782,6 +782,11 @@ async def bench(args: argparse.Namespace, target: Target) -> int:
             if "a" in args.figures:
                 await measure("a", throughput(args, target, client, customers, report))
                 await measure("a", redeliveries(args, target, http, report))
+            # The shop's figures (bench/shop.py), on the same stack.
+            from bench.shop import shop_figures
+
+            for work in shop_figures(args, target, report):
+                await measure("e-g", work)
     finally:
         await customers.close()
     print_report(args, target, report)
@@ -847,7 +852,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds over which reads/s are counted (default %(default)s)",
     )
     parser.add_argument(
-        "--figures", default="abcd", help="which figures to measure (default abcd: all)"
+        "--figures", default="abcdefg", help="which figures to measure (default abcdefg: all)"
+    )
+    parser.add_argument(
+        "--stock",
+        type=int,
+        default=2000,
+        help="units of the hot product in each reservation run (e) (default %(default)s)",
+    )
+    parser.add_argument(
+        "--shop-orders",
+        type=int,
+        default=100,
+        help="Stars purchases end to end (g) (default %(default)s)",
     )
     parser.add_argument(
         "--api", help="use a running stack at this URL instead of starting one (e.g. make dev)"
@@ -869,8 +886,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--keep", action="store_true", help="keep the own stack's data dir")
     args = parser.parse_args(argv)
-    if not args.figures or set(args.figures) - set("abcd"):
-        parser.error("--figures takes letters among a, b, c and d")
+    if not args.figures or set(args.figures) - set("abcdefg"):
+        parser.error("--figures takes letters among a to g")
     if min(args.concurrency, args.orders, args.videos, args.rounds, args.watchers) < 1:
         parser.error("--concurrency, --orders, --videos, --rounds and --watchers must be positive")
     return args

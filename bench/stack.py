@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workers.settings import SANDBOX_STRIPE_KEY, load_settings
-from workers.stack import REPO_ROOT, stop_embedded_postgres
+from workers.stack import REPO_ROOT, start_embedded_postgres, stop_embedded_postgres
 
 BENCH_WEBHOOK_SECRET = "whsec_bench"
 
@@ -64,6 +64,8 @@ class Target:
     # The own stack's launcher and data dir: where its processes' CPU time is found.
     launcher_pid: int | None = None
     data_dir: Path | None = None
+    # The stack's Postgres, for the shop's reservation figures (bench/shop.py).
+    database_url: str | None = None
 
 
 def log(message: str) -> None:
@@ -98,7 +100,15 @@ def running_stack(api_url: str) -> Target:
         webhook_secret=settings.webhook_secret,
         stripe_key=settings.stripe_key,
         admin_token=token,
+        # make dev's own Postgres when DATABASE_URL is unset.
+        database_url=settings.database_url or _dev_database(Path(settings.data_dir)),
     )
+
+
+def _dev_database(data_dir: Path) -> str | None:
+    if not (data_dir / "postgres").is_dir():
+        return None
+    return start_embedded_postgres(data_dir / "postgres", stop_at_exit=False)
 
 
 @contextlib.asynccontextmanager
@@ -147,6 +157,10 @@ async def own_stack(video_seconds: float, poll_seconds: float, keep: bool) -> As
     try:
         await _wait_for_banner(launcher, dev_log_path, timeout=120)
         log(f"stack up in {time.monotonic() - started:.1f} s")
+        # Adopts the server the launcher started (it stays the launcher's to stop).
+        database_url = await asyncio.to_thread(
+            start_embedded_postgres, data_dir / "postgres", stop_at_exit=False
+        )
         yield Target(
             api_url=f"http://127.0.0.1:{api_port}",
             sandbox_url=f"http://127.0.0.1:{sandbox_port}",
@@ -159,6 +173,7 @@ async def own_stack(video_seconds: float, poll_seconds: float, keep: bool) -> As
             poll_seconds=poll_seconds,
             launcher_pid=launcher.pid,
             data_dir=data_dir,
+            database_url=database_url,
         )
     finally:
         log("stopping the stack")

@@ -76,8 +76,10 @@ REFUND_RETRY = RetryPolicy(
     maximum_interval=timedelta(minutes=5),
 )
 DB_TIMEOUT = timedelta(seconds=30)
-# A database that stays down this long fails the step (the order then needs attention).
-DB_PATIENCE = timedelta(minutes=30)
+# A database that stays down this long fails the step: the payment, if any, is refunded
+# and an order that cannot say so fails (a payment arriving later then starts a run that
+# refunds it).
+DB_PATIENCE = timedelta(hours=6)
 
 # What the customer reads, by stable code.
 CUSTOMER_WORDS = {
@@ -554,32 +556,37 @@ class PurchaseWorkflow:
         return True
 
     async def _complete(self, payment: Payment) -> None:
+        record = PaymentRecord(self._in.order_id, payment.method, payment.reference)
         try:
-            order = await self._db(
-                ShopActivities.complete_purchase,
-                PaymentRecord(self._in.order_id, payment.method, payment.reference),
-            )
+            try:
+                order = await self._db(ShopActivities.complete_purchase, record)
+            except ActivityError as err:
+                if _code(err, "") != "reservation_lost" or not await self._reserve_again():
+                    raise
+                # The units went to another order after the reservation lapsed; others
+                # were free, so the purchase goes ahead with them.
+                self._problem(f"completing the purchase: {_cause(err)}")
+                order = await self._db(ShopActivities.complete_purchase, record)
         except ActivityError as err:
-            # The units were taken by another order after the reservation lapsed.
+            # The order cannot have its goods: the payment goes back, never stays taken.
             self._problem(f"completing the purchase: {_cause(err)}")
-            if _code(err, "") == "reservation_lost" and await self._reserve_again():
-                order = await self._db(
-                    ShopActivities.complete_purchase,
-                    PaymentRecord(self._in.order_id, payment.method, payment.reference),
-                )
-            else:
-                await self._refund(payment, "sold_out_late", whole=True)
-                return
+            await self._refund(payment, "sold_out_late", whole=True)
+            return
         self._take(order)
         self._view.error_code = self._view.error = None
         self._index_status()
         await self._deliver()
 
     async def _prepaid(self, payment: Payment) -> None:
-        order = await self._db(
-            ShopActivities.process_prepaid_payment,
-            PaymentRecord(self._in.order_id, payment.method, payment.reference),
-        )
+        try:
+            order = await self._db(
+                ShopActivities.process_prepaid_payment,
+                PaymentRecord(self._in.order_id, payment.method, payment.reference),
+            )
+        except ActivityError as err:
+            self._problem(f"recording the prepaid payment: {_cause(err)}")
+            await self._refund(payment, "order_failed", whole=True)
+            return
         self._take(order)
         self._view.error_code = self._view.error = None
         self._index_status()

@@ -74,7 +74,12 @@ CREATE TABLE IF NOT EXISTS stock_items (
     created_at       timestamptz NOT NULL DEFAULT now(),
     sold_at          timestamptz
 );
-CREATE INDEX IF NOT EXISTS stock_items_claim_idx ON stock_items (product_id, status);
+-- Claiming walks a product's free units in the order they sell (highest discount first)
+-- without touching the reserved and sold ones; lapsed reservations have an index of their own.
+CREATE INDEX IF NOT EXISTS stock_items_available_idx
+    ON stock_items (product_id, discount_percent DESC, id) WHERE status = 'available';
+CREATE INDEX IF NOT EXISTS stock_items_reserved_idx
+    ON stock_items (product_id, reserved_until) WHERE status = 'reserved';
 CREATE INDEX IF NOT EXISTS stock_items_order_idx ON stock_items (order_id)
     WHERE order_id IS NOT NULL;
 
@@ -267,7 +272,8 @@ CREATE OR REPLACE FUNCTION shop_internal.claim_units(
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     v_held   bigint[];
-    v_new    bigint[];
+    v_new    bigint[] := '{}';
+    v_more   bigint[];
     v_units  bigint[];
     v_until  timestamptz := now() + make_interval(secs => p_ttl_seconds);
     v_amount bigint;
@@ -280,32 +286,61 @@ BEGIN
     ) held;
 
     IF cardinality(v_held) < p_quantity THEN
-        SELECT coalesce(array_agg(id ORDER BY discount_percent DESC, id), '{}') INTO v_new
-        FROM (
-            SELECT id, discount_percent FROM public.stock_items
-            WHERE product_id = p_product_id
-              AND (status = 'available' OR (status = 'reserved' AND reserved_until < now()))
-              -- Our own rows are locked by us, so SKIP LOCKED would not skip them.
-              AND order_id IS DISTINCT FROM p_order_id
+        -- Each claim is one statement that locks and takes its units, so a row is locked
+        -- only for the rest of this short transaction: free units first (one index range),
+        -- then units whose reservation lapsed without a release (they count as available).
+        WITH picked AS (
+            SELECT id FROM public.stock_items
+            WHERE product_id = p_product_id AND status = 'available'
             ORDER BY discount_percent DESC, id
             LIMIT p_quantity - cardinality(v_held)
             FOR UPDATE SKIP LOCKED
-        ) free;
+        ), taken AS (
+            UPDATE public.stock_items s
+            SET status = 'reserved', order_id = p_order_id, reserved_until = v_until
+            FROM picked WHERE s.id = picked.id
+            RETURNING s.id
+        )
+        SELECT coalesce(array_agg(id), '{}') INTO v_new FROM taken;
         IF cardinality(v_held) + cardinality(v_new) < p_quantity THEN
+            WITH picked AS (
+                SELECT id FROM public.stock_items
+                WHERE product_id = p_product_id AND status = 'reserved'
+                  AND reserved_until < now()
+                  -- Our own rows are locked by us, so SKIP LOCKED would not skip them.
+                  AND order_id IS DISTINCT FROM p_order_id
+                ORDER BY discount_percent DESC, id
+                LIMIT p_quantity - cardinality(v_held) - cardinality(v_new)
+                FOR UPDATE SKIP LOCKED
+            ), taken AS (
+                UPDATE public.stock_items s
+                SET order_id = p_order_id, reserved_until = v_until
+                FROM picked WHERE s.id = picked.id
+                RETURNING s.id
+            )
+            SELECT coalesce(array_agg(id), '{}') INTO v_more FROM taken;
+            v_new := v_new || v_more;
+        END IF;
+        IF cardinality(v_held) + cardinality(v_new) < p_quantity THEN
+            -- All or nothing: what this call took goes back (a lapsed unit comes back as
+            -- available, which it already counted as).
+            UPDATE public.stock_items
+            SET status = 'available', order_id = NULL, reserved_until = NULL
+            WHERE id = ANY (v_new);
             RETURN NULL;
         END IF;
         v_units := v_held || v_new;
+        IF cardinality(v_held) > 0 THEN
+            UPDATE public.stock_items SET reserved_until = v_until WHERE id = ANY (v_held);
+        END IF;
     ELSE
         -- A retry with a smaller quantity: the surplus goes back on sale.
         UPDATE public.stock_items
         SET status = 'available', order_id = NULL, reserved_until = NULL
         WHERE id = ANY (v_held[p_quantity + 1:]);
         v_units := v_held[1:p_quantity];
+        UPDATE public.stock_items SET reserved_until = v_until WHERE id = ANY (v_units);
     END IF;
-
-    UPDATE public.stock_items
-    SET status = 'reserved', order_id = p_order_id, reserved_until = v_until
-    WHERE id = ANY (v_units);
 
     SELECT sum(shop_internal.unit_price(p.price, si.discount_percent)) INTO v_amount
     FROM public.stock_items si JOIN public.products p ON p.id = si.product_id
