@@ -67,7 +67,11 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with contextlib.suppress(ApiError):
             await connect_temporal()
-        webhook = asyncio.create_task(_set_webhook(app) if app.state.bot else asyncio.sleep(0))
+        webhook = asyncio.create_task(
+            _set_webhook(app)
+            if app.state.bot and settings.telegram_set_webhook
+            else asyncio.sleep(0)
+        )
         try:
             yield
         finally:

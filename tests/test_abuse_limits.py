@@ -60,7 +60,13 @@ class OwnApi:
 async def own_api(stack: Stack, **overrides: Any) -> AsyncIterator[OwnApi]:
     port = free_port()
     settings = stack.settings.model_copy(
-        update={"api_port": port, "public_url": f"http://127.0.0.1:{port}", **overrides}
+        update={
+            "api_port": port,
+            "public_url": f"http://127.0.0.1:{port}",
+            # The suite's bot keeps sending its updates to the suite's API.
+            "telegram_set_webhook": False,
+            **overrides,
+        }
     )
     app = create_app(settings)
 

@@ -149,6 +149,9 @@ class Settings(BaseSettings):
     # A Bot API server (https://api.telegram.org for Telegram's own); unset means the sandbox.
     telegram_api_url: str | None = None
     telegram_webhook_secret: str | None = None
+    # Whether the API points the bot's webhook at PUBLIC_URL when it starts (off for a
+    # process that shares a bot with another deployment and must not take its updates).
+    telegram_set_webhook: bool = True
     # A Mini App's initData older than this is refused.
     miniapp_initdata_max_age: int = Field(default=3600, ge=60, le=86400)
 
