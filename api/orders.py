@@ -229,11 +229,11 @@ def _idempotency_conflict() -> ApiError:
     )
 
 
-def _search_attributes(status: str) -> TypedSearchAttributes:
+def order_attributes(status: str, kind: str = ORDER_KIND) -> TypedSearchAttributes:
     # OrderKind at start tells the workflow the namespace knows the order attributes.
     return TypedSearchAttributes(
         [
-            SearchAttributePair(sa.ORDER_KIND, ORDER_KIND),
+            SearchAttributePair(sa.ORDER_KIND, kind),
             SearchAttributePair(sa.ORDER_STATUS, status),
         ]
     )
@@ -249,7 +249,7 @@ async def start_order(client: Client, settings: Settings, order: VideoOrderInput
         # the same videos again (payment_for_closed_order starts its refunding run itself).
         id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
         task_queue=settings.task_queue,
-        search_attributes=_search_attributes("awaiting_payment"),
+        search_attributes=order_attributes("awaiting_payment"),
     )
     try:
         return await asyncio.wait_for(
@@ -460,7 +460,7 @@ async def payment_for_closed_order(client: Client, order_id: str, event: StripeE
             task_queue=desc.task_queue,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            search_attributes=_search_attributes("refunding"),
+            search_attributes=order_attributes("refunding"),
         )
     except RPCError as err:
         raise unavailable(err) from err

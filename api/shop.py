@@ -28,8 +28,6 @@ from temporalio.client import (
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.common import (
-    SearchAttributePair,
-    TypedSearchAttributes,
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
@@ -38,9 +36,8 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.shop_db import ShopDb, ShopError, open_shop_db
 from api.errors import ApiError
-from api.orders import QUERY_TIMEOUT, unavailable
+from api.orders import QUERY_TIMEOUT, order_attributes, unavailable
 from workers.settings import Settings
-from workflows import search_attributes as sa
 from workflows.purchase import (
     ORDER_KIND,
     Payment,
@@ -222,31 +219,32 @@ def new_purchase(settings: Settings, user: TelegramUser, body: ShopOrderCreate) 
         )
     order_id = str(uuid.uuid4())  # 122 random bits: the order id is never a credential alone
     page = f"{app_url(settings)}?order={order_id}"
-    return PurchaseInput(
+    return _purchase(
+        settings,
         order_id=order_id,
         telegram_id=user.id,
         product_id=body.product_id,
         quantity=body.quantity,
         payment_method=body.payment_method,
-        reservation_ttl_seconds=settings.reservation_ttl_seconds,
-        stars_per_unit=settings.stars_per_unit,
-        max_unpaid_orders=settings.max_unpaid_orders_per_user,
-        max_units=settings.max_units_per_order,
-        refund_to_balance=settings.refund_to_balance,
-        late_payment_seconds=settings.shop_late_payment_seconds,
-        refund_retry_seconds=settings.refund_retry_seconds,
         success_url=f"{page}&paid=1",
         cancel_url=page,
-        app_url=app_url(settings),
     )
 
 
-def _search_attributes(status: str) -> TypedSearchAttributes:
-    return TypedSearchAttributes(
-        [
-            SearchAttributePair(sa.ORDER_KIND, ORDER_KIND),
-            SearchAttributePair(sa.ORDER_STATUS, status),
-        ]
+def _purchase(settings: Settings, **order: Any) -> PurchaseInput:
+    """A purchase's input: the order, and the settings it keeps for its whole life."""
+    return PurchaseInput(
+        **{
+            "reservation_ttl_seconds": settings.reservation_ttl_seconds,
+            "stars_per_unit": settings.stars_per_unit,
+            "max_unpaid_orders": settings.max_unpaid_orders_per_user,
+            "max_units": settings.max_units_per_order,
+            "refund_to_balance": settings.refund_to_balance,
+            "late_payment_seconds": settings.shop_late_payment_seconds,
+            "refund_retry_seconds": settings.refund_retry_seconds,
+            "app_url": app_url(settings),
+            **order,
+        }
     )
 
 
@@ -259,7 +257,7 @@ async def place_order(client: Client, settings: Settings, order: PurchaseInput) 
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
         task_queue=settings.task_queue,
-        search_attributes=_search_attributes("placing"),
+        search_attributes=order_attributes("placing", ORDER_KIND),
     )
     try:
         return await asyncio.wait_for(
@@ -336,22 +334,16 @@ async def payment_for_closed_order(
         or any(r.reference == payment.reference for r in view.refunds)
     ):
         return
-    order = PurchaseInput(
+    order = _purchase(
+        settings,
         order_id=order_id,
         telegram_id=telegram_id,
         product_id=view.product_id if view else 0,
         quantity=view.quantity if view else 1,
         payment_method=payment.method,
-        reservation_ttl_seconds=settings.reservation_ttl_seconds,
-        stars_per_unit=settings.stars_per_unit,
-        max_unpaid_orders=settings.max_unpaid_orders_per_user,
-        max_units=settings.max_units_per_order,
-        refund_to_balance=settings.refund_to_balance,
         late_payment_seconds=0,
-        refund_retry_seconds=settings.refund_retry_seconds,
         success_url="",
         cancel_url="",
-        app_url=app_url(settings),
         refund_only=True,
         previous_view=view,
     )
@@ -364,7 +356,7 @@ async def payment_for_closed_order(
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
             start_signal="refund_payment",
             start_signal_args=[payment],
-            search_attributes=_search_attributes("refunding"),
+            search_attributes=order_attributes("refunding", ORDER_KIND),
         )
     except RPCError as err:
         raise unavailable(err) from err
