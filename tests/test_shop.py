@@ -457,3 +457,30 @@ async def test_bot_commands_answer_once_per_update(shop: Shop) -> None:
     await shop.wait_message(user, "I can help you buy")
     texts = [m["text"] for m in await shop.messages(user)]
     assert sum("Welcome" in t for t in texts) == 1
+
+
+async def test_refund_to_balance_credits_the_ledger_instead_of_stars(shop: Shop) -> None:
+    product = await shop.product(stock=1, price=200)
+    user = new_user_id()
+    handle, order_id = await _start(
+        shop, user, product, "stars", grace=0, reservation_ttl_seconds=1, refund_to_balance=True
+    )
+    view = await _view(handle, "awaiting_payment")
+    paying = asyncio.create_task(shop.pay_invoice(view.invoice_link, user, delay=4))
+    await _view(handle, "expired")
+    other = new_user_id()
+    await shop.credit(other, 1000)
+    bought = (await shop.order(other, product, "balance")).json()
+    await shop.wait_status(other, bought["order_id"], "delivered")
+    paid = await paying
+    await shop.wait_status(user, order_id, "refunded")
+    # The order's price went to the balance; no Stars went back.
+    assert (await shop.me(user))["balance"] == 200
+    assert paid["telegram_payment_charge_id"] not in {
+        r["charge_id"] for r in await shop.star_refunds()
+    }
+    listed = await shop.stack.admin("GET", "/shop-orders", params={"status": "refunded"})
+    assert order_id in {o["order_id"] for o in listed.json()["orders"]}
+    detail = (await shop.stack.admin("GET", f"/shop-orders/{order_id}")).json()
+    assert detail["order"]["refund_method"] == "balance"
+    assert detail["workflow"]["refunds"][0]["method"] == "balance"
