@@ -15,7 +15,7 @@ from activities.telegram import make_bot
 from api.bodylimit import BodyLimit
 from api.errors import ApiError, install_error_handlers
 from api.ratelimit import OrderRateLimit
-from api.routes import admin, pages, shop, telegram, video_orders, webhooks
+from api.routes import admin, chats, pages, shop, telegram, video_orders, webhooks
 from api.shop import ShopDatabase
 from api.streams import OrderStreams
 from workers.settings import Settings
@@ -106,6 +106,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         webhooks.router,
         telegram.router,
         admin.router,
+        chats.router,
         *shop.routers,
         pages.router,
     ):

@@ -25,7 +25,6 @@ from temporalio.client import (
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.common import (
-    SearchAttributePair,
     TypedSearchAttributes,
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
@@ -230,13 +229,7 @@ def _idempotency_conflict() -> ApiError:
 
 
 def order_attributes(status: str, kind: str = ORDER_KIND) -> TypedSearchAttributes:
-    # OrderKind at start tells the workflow the namespace knows the order attributes.
-    return TypedSearchAttributes(
-        [
-            SearchAttributePair(sa.ORDER_KIND, kind),
-            SearchAttributePair(sa.ORDER_STATUS, status),
-        ]
-    )
+    return sa.order_attributes(status, kind)
 
 
 async def start_order(client: Client, settings: Settings, order: VideoOrderInput) -> CheckoutInfo:

@@ -42,6 +42,7 @@ from workflows.purchase import (
     ORDER_KIND,
     Payment,
     PurchaseInput,
+    PurchaseTerms,
     PurchaseView,
     PurchaseWorkflow,
     workflow_id,
@@ -217,34 +218,27 @@ def new_purchase(settings: Settings, user: TelegramUser, body: ShopOrderCreate) 
             "invalid_request",
             f"quantity: at most {settings.max_units_per_order} per order",
         )
-    order_id = str(uuid.uuid4())  # 122 random bits: the order id is never a credential alone
-    page = f"{app_url(settings)}?order={order_id}"
-    return _purchase(
-        settings,
-        order_id=order_id,
+    return purchase_terms(settings).order(
+        # 122 random bits: the order id is never a credential alone.
+        order_id=str(uuid.uuid4()),
         telegram_id=user.id,
         product_id=body.product_id,
         quantity=body.quantity,
         payment_method=body.payment_method,
-        success_url=f"{page}&paid=1",
-        cancel_url=page,
     )
 
 
-def _purchase(settings: Settings, **order: Any) -> PurchaseInput:
-    """A purchase's input: the order, and the settings it keeps for its whole life."""
-    return PurchaseInput(
-        **{
-            "reservation_ttl_seconds": settings.reservation_ttl_seconds,
-            "stars_per_unit": settings.stars_per_unit,
-            "max_unpaid_orders": settings.max_unpaid_orders_per_user,
-            "max_units": settings.max_units_per_order,
-            "refund_to_balance": settings.refund_to_balance,
-            "late_payment_seconds": settings.shop_late_payment_seconds,
-            "refund_retry_seconds": settings.refund_retry_seconds,
-            "app_url": app_url(settings),
-            **order,
-        }
+def purchase_terms(settings: Settings) -> PurchaseTerms:
+    """What a purchase keeps of the settings for its whole life."""
+    return PurchaseTerms(
+        reservation_ttl_seconds=settings.reservation_ttl_seconds,
+        stars_per_unit=settings.stars_per_unit,
+        max_unpaid_orders=settings.max_unpaid_orders_per_user,
+        max_units=settings.max_units_per_order,
+        refund_to_balance=settings.refund_to_balance,
+        late_payment_seconds=settings.shop_late_payment_seconds,
+        refund_retry_seconds=settings.refund_retry_seconds,
+        app_url=app_url(settings),
     )
 
 
@@ -334,8 +328,7 @@ async def payment_for_closed_order(
         or any(r.reference == payment.reference for r in view.refunds)
     ):
         return
-    order = _purchase(
-        settings,
+    order = purchase_terms(settings).order(
         order_id=order_id,
         telegram_id=telegram_id,
         product_id=view.product_id if view else 0,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workers.settings import SANDBOX_SUPABASE_KEY
+from workers.settings import SANDBOX_GEMINI_KEY, SANDBOX_SUPABASE_KEY
 
 if TYPE_CHECKING:
     from workers.settings import Settings
@@ -38,6 +38,10 @@ class SandboxConfig:
     telegram_chat_interval_seconds: float = 1.0
     telegram_webhook_retry_seconds: float = 1.0
     telegram_precheckout_timeout_seconds: float = 10.0
+    # Gemini (sandbox/gemini.py): the key its callers must send, and the smallest context
+    # cache it accepts, in (estimated) tokens, like a real model's minimum.
+    gemini_key: str = SANDBOX_GEMINI_KEY
+    gemini_cache_min_tokens: int = 1024
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> SandboxConfig:
@@ -64,6 +68,8 @@ class SandboxConfig:
             # Only ever the public sandbox key: a real service role key stays with Supabase.
             "supabase_key": SANDBOX_SUPABASE_KEY,
             "database_url": settings.database_url,
+            # The model's minimum mirrors what the app was told it is.
+            "gemini_cache_min_tokens": settings.gemini_cache_min_tokens,
         }
         return cls(**{**values, **overrides})
 

@@ -280,6 +280,10 @@ def make_settings(base: Path, database_url: str, temporal_address: str, **extra:
         # limit on an app of its own.
         "order_rate_limit": "100000/minute",
         "admin_token": ADMIN_TOKEN,
+        # Where the assistant's handoffs are announced (tests/test_chat.py reads it).
+        "operator_chat_id": 100000099,
+        # The suite's catalog is small: cache it all the same (tests/test_chat.py).
+        "gemini_cache_min_tokens": 0,
         "data_dir": str(base),
         **extra,
     }

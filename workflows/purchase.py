@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from activities.payments import (
@@ -57,6 +59,12 @@ ORDER_KIND = "shop"
 FINAL_STATUSES = frozenset({"delivered", "expired", "refunded", "failed"})
 NEEDS_ATTENTION = "needs_attention"
 STARS = "XTR"
+PAYMENT_METHODS = ("stars", "stripe", "balance")
+# An offer placed by the sales assistant: stock held, the way to pay picked on its buttons.
+CHOICE = "choice"
+# The signal a purchase placed for another workflow (a chat's offer) sends it, once placed
+# or refused; its argument is the PurchaseView.
+OFFER_PLACED_SIGNAL = "offer_placed"
 
 # Creating the payment link while the customer waits for the order's answer.
 PLACEMENT_TIMEOUT = timedelta(minutes=2)
@@ -97,6 +105,7 @@ CUSTOMER_WORDS = {
     "supplier_late": "The supplier did not deliver in time, so your payment was refunded.",
     "refund_pending": "A refund we owe you could not be sent yet. Our team has been alerted.",
     "order_failed": "The order could not be completed.",
+    "payment_method_chosen": "This order is already being paid another way.",
 }
 
 
@@ -142,6 +151,14 @@ class PreCheckout:
     amount: int
     currency: str
     payer_id: int
+
+
+@dataclass
+class PaymentChoice:
+    """A tap on one of an offer's buttons: how to pay, by whom (only the buyer may)."""
+
+    method: str  # stars | stripe | balance
+    telegram_id: int
 
 
 @dataclass
@@ -210,6 +227,30 @@ class PurchaseInput:
     # starts from the closed run's view and gives back what `refund_payment` signals.
     refund_only: bool = False
     previous_view: PurchaseView | None = None
+    # The workflow that placed this order and waits for OFFER_PLACED_SIGNAL (a chat).
+    notify_workflow_id: str | None = None
+
+
+@dataclass
+class PurchaseTerms:
+    """The settings a purchase keeps for its whole life: PurchaseInput's own fields, for
+    whoever places orders (the API, a chat's offers)."""
+
+    reservation_ttl_seconds: int
+    stars_per_unit: float
+    max_unpaid_orders: int
+    max_units: int
+    refund_to_balance: bool
+    late_payment_seconds: int
+    refund_retry_seconds: int
+    app_url: str
+
+    def order(self, **order: Any) -> PurchaseInput:
+        page = f"{self.app_url}?order={order['order_id']}"
+        order.setdefault("success_url", f"{page}&paid=1")
+        order.setdefault("cancel_url", page)
+        # An order may override a term (a refund-only run takes no late payments).
+        return PurchaseInput(**{**dataclasses.asdict(self), **order})
 
 
 @workflow.defn
@@ -236,6 +277,7 @@ class PurchaseWorkflow:
         self._approved_at: datetime | None = None
         self._stripe_expired = False
         self._fulfilling = False
+        self._choosing = False
         self._fulfilled = False
         self._deadline_passed = False
         self._done = False
@@ -271,6 +313,62 @@ class PurchaseWorkflow:
             raise ApplicationError("This order is paid another way.", type="WrongPaymentMethod")
         if query.currency != STARS or query.amount != view.amount_stars:
             raise ApplicationError("The amount does not match the order.", type="AmountMismatch")
+
+    @workflow.update
+    async def choose_payment(self, choice: PaymentChoice) -> PurchaseView:
+        """The buyer of an offer (payment method `choice`) picks how to pay: the Stars
+        invoice or the checkout is made now, a balance payment is taken now."""
+        view, method = self._view, choice.method
+        if view.payment_method == method:
+            # The same button again: the answer of the first tap.
+            await workflow.wait_condition(lambda: not self._choosing)
+            return view
+        self._choosing = True
+        view.payment_method = method
+        try:
+            await self._prepare_payment()
+        except ActivityError as err:
+            view.payment_method = CHOICE  # another button may still work
+            code = _code(err, "payment_unavailable")
+            if code != "insufficient_balance":
+                code = "payment_unavailable"
+            self._problem(f"preparing the {method} payment: {_cause(err)}")
+            raise ApplicationError(CUSTOMER_WORDS[code], type=code) from err
+        finally:
+            self._choosing = False
+        return view
+
+    @choose_payment.validator
+    def _check_choice(self, choice: PaymentChoice) -> None:
+        view, method = self._view, choice.method
+        if choice.telegram_id != self._in.telegram_id:
+            raise ApplicationError("This offer is someone else's.", type="NotYourOrder")
+        if method not in PAYMENT_METHODS:
+            raise ApplicationError(
+                f"{method!r} is not a way to pay (stars, stripe or balance).",
+                type="invalid_payment_method",
+            )
+        if self._in.payment_method != CHOICE:
+            raise ApplicationError(
+                CUSTOMER_WORDS["payment_method_chosen"], type="payment_method_chosen"
+            )
+        if (
+            not self._placed
+            or view.status != "awaiting_payment"
+            or self._used is not None
+            or self._usable() is not None
+        ):
+            raise ApplicationError(
+                "This order is no longer waiting for a payment.", type="NotAwaitingPayment"
+            )
+        if view.payment_method in (CHOICE, method):
+            return
+        # A Stars invoice nobody started paying can be left for another way; a checkout
+        # session or a balance payment cannot be taken back so simply.
+        if self._choosing or view.payment_method != "stars" or self._approved_at is not None:
+            raise ApplicationError(
+                CUSTOMER_WORDS["payment_method_chosen"], type="payment_method_chosen"
+            )
 
     @workflow.signal
     def stars_paid(self, paid: StarsPayment) -> None:
@@ -355,7 +453,9 @@ class PurchaseWorkflow:
             return self._view
         extras = asyncio.create_task(self._refund_extra_payments())
         try:
-            if await self._place():
+            placed = await self._place()
+            await self._notify_placed()
+            if placed:
                 await self._sell()
         finally:
             self._done = True
@@ -396,7 +496,8 @@ class PurchaseWorkflow:
             return False
         self._take(order)
         try:
-            await self._prepare_payment()
+            if self._view.payment_method != CHOICE:
+                await self._prepare_payment()
         except ActivityError as err:
             code = _code(err, "payment_unavailable")
             if code != "insufficient_balance":
@@ -409,12 +510,23 @@ class PurchaseWorkflow:
         self._index_status()
         return True
 
+    async def _notify_placed(self) -> None:
+        """Tells the workflow that placed this order (a chat's offer) how placing it went."""
+        if self._in.notify_workflow_id is None:
+            return
+        try:
+            await workflow.get_external_workflow_handle(self._in.notify_workflow_id).signal(
+                OFFER_PLACED_SIGNAL, self._view
+            )
+        except FailureError as err:  # the chat has ended: the offer simply expires unpaid
+            self._problem(f"telling {self._in.notify_workflow_id} of the order: {err}")
+
     async def _prepare_payment(self) -> None:
         o, view = self._in, self._view
-        if o.payment_method == "balance":
+        if view.payment_method == "balance":
             tx = await self._db(ShopActivities.pay_from_balance, o.order_id)
             self._payments.append(Payment("balance", str(tx), view.amount, view.currency))
-        elif o.payment_method == "stars":
+        elif view.payment_method == "stars":
             view.invoice_link = await workflow.execute_activity_method(
                 TelegramActivities.create_invoice_link,
                 InvoiceRequest(
@@ -532,7 +644,7 @@ class PurchaseWorkflow:
 
     async def _await_late_payment(self) -> Payment | None:
         window = self._in.late_payment_seconds
-        if window <= 0 or self._view.payment_method == "balance":
+        if window <= 0 or self._view.payment_method in ("balance", CHOICE):
             return None
         with contextlib.suppress(TimeoutError):
             await workflow.wait_condition(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -9,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api import orders
 from api.deps import AdminDep, TemporalClientDep
+from api.errors import ApiError
 from workflows.video_order import SettleRequest, VideoOrderWorkflow
 
 router = APIRouter(prefix="/api/admin", tags=["admin"])
@@ -17,12 +19,18 @@ router = APIRouter(prefix="/api/admin", tags=["admin"])
 @router.get("/metrics")
 async def metrics(_: AdminDep, request: Request) -> dict[str, int]:
     """Counters of this API process since it started: Temporal reads made for event streams
-    (`order_reads_total`), open streams and the orders they read, and what the abuse limits
-    refused."""
-    return {
+    (`order_reads_total`), open streams and the orders they read, what the abuse limits
+    refused, and the sales assistant's model calls and context-cache hits."""
+    counters = {
         **request.app.state.streams.metrics(),
         "orders_rate_limited_total": request.app.state.order_rate.rejected_total,
     }
+    settings = request.app.state.settings
+    if settings.shop_enabled:
+        # The assistant's model calls, from every worker (recorded in Postgres).
+        with contextlib.suppress(ApiError):
+            counters |= await request.app.state.shop_db.call("assistant_metrics", {})
+    return counters
 
 
 @router.get("/video-orders")

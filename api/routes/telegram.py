@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from aiogram import Bot
 from aiogram.exceptions import TelegramAPIError, TelegramRetryAfter
-from aiogram.types import Message, PreCheckoutQuery, Update
+from aiogram.types import CallbackQuery, Message, PreCheckoutQuery, Update
 from fastapi import APIRouter, Header, Request
 from pydantic import ValidationError
 from temporalio.client import Client, WorkflowUpdateFailedError
@@ -23,16 +23,19 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.telegram import Button, keyboard
-from api import shop
+from api import chat, shop
 from api.deps import SettingsDep
 from api.errors import ApiError
 from api.orders import QUERY_TIMEOUT, unavailable
 from api.routes.webhooks import RecentIds
 from workers.settings import Settings
+from workflows.chat import ChatMessage, language
 from workflows.purchase import (
     STARS,
     Payment,
+    PaymentChoice,
     PreCheckout,
+    PurchaseView,
     PurchaseWorkflow,
     StarsPayment,
     format_money,
@@ -44,6 +47,8 @@ router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 
 # The updates the shop's bot asks Telegram for (setWebhook's allowed_updates).
 ALLOWED_UPDATES = ["message", "callback_query", "pre_checkout_query"]
+# Commands the webhook answers itself; other text goes to the assistant (when it is on).
+COMMANDS = frozenset({"/start", "/orders", "/balance", "/help"})
 REPLY_ATTEMPTS = 4
 REPLY_MAX_WAIT_SECONDS = 30
 HELP = (
@@ -81,7 +86,7 @@ async def telegram_webhook(
     elif update.message is not None and update.message.text is not None:
         await _text(state, update.update_id, update.message)
     elif update.callback_query is not None:
-        await _quietly(state.bot.answer_callback_query(update.callback_query.id))
+        _pay_soon(state, update.callback_query)
     seen.add(str(update.update_id))
     return {"ok": True}
 
@@ -150,14 +155,28 @@ async def _stars_paid(state: Any, message: Message) -> None:
 
 
 async def _text(state: Any, update_id: int, message: Message) -> None:
-    db: shop.ShopDatabase = state.shop_db
-    claimed = await db.call("claim_telegram_update", {"p_update_id": update_id})
-    if not claimed.get("claimed"):
-        return  # answered when this update came the first time
     settings: Settings = state.settings
     chat_id = message.chat.id
     user_id = message.from_user.id if message.from_user else chat_id
     command = (message.text or "").split(maxsplit=1)[0].split("@")[0].lower()
+    if command not in COMMANDS and settings.assistant_enabled and message.chat.type == "private":
+        # The assistant's chat workflow answers (and drops an update id it has seen).
+        await chat.send_message(
+            await _temporal(state),
+            settings,
+            chat_id,
+            ChatMessage(
+                update_id=update_id,
+                text=message.text or "",
+                user_id=user_id,
+                first_name=message.from_user.first_name if message.from_user else "",
+            ),
+        )
+        return
+    db: shop.ShopDatabase = state.shop_db
+    claimed = await db.call("claim_telegram_update", {"p_update_id": update_id})
+    if not claimed.get("claimed"):
+        return  # answered when this update came the first time
     buttons: list[Button] = []
     if command == "/start":
         text = "Welcome! Browse the catalog and buy in the shop."
@@ -187,6 +206,101 @@ async def _text(state: Any, update_id: int, message: Message) -> None:
     _reply_soon(state, chat_id, text, buttons)
 
 
+PAY_WORDS = {
+    "en": {
+        "stars": "Pay {stars} ⭐",
+        "stripe": "Pay by card",
+        "balance_paid": "Paid from your balance. Your goods are on their way.",
+        "link": "Tap to pay for {name} x {quantity}:",
+        "expired": "This offer has ended. Ask me again for a new one.",
+        "busy": "The shop is busy; tap again in a moment.",
+    },
+    "ru": {
+        "stars": "Оплатить {stars} ⭐",
+        "stripe": "Оплатить картой",
+        "balance_paid": "Оплачено с баланса. Товар уже в пути.",
+        "link": "Нажмите, чтобы оплатить {name} x {quantity}:",
+        "expired": "Это предложение закончилось. Спросите меня снова.",
+        "busy": "Магазин занят; нажмите ещё раз чуть позже.",
+    },
+}
+
+
+def _pay_soon(state: Any, query: CallbackQuery) -> None:
+    """A tap on an offer's payment button: the purchase makes the payment (or takes it
+    from the balance), after the webhook has been answered."""
+    task = asyncio.create_task(_pay(state, query))
+    state.reply_tasks.add(task)
+    task.add_done_callback(state.reply_tasks.discard)
+
+
+async def _pay(state: Any, query: CallbackQuery) -> None:
+    bot: Bot = state.bot
+    kind, _, rest = (query.data or "").partition(":")
+    order_id, _, method = rest.partition(":")
+    lang = _lang_of(query)
+    words = PAY_WORDS[lang]
+    if kind != "pay":
+        await _quietly(bot.answer_callback_query(query.id))
+        return
+    try:
+        shop.check_order_id(order_id)
+        handle = (await _temporal(state)).get_workflow_handle_for(
+            PurchaseWorkflow.run, workflow_id(order_id)
+        )
+        view: PurchaseView = await handle.execute_update(
+            PurchaseWorkflow.choose_payment,
+            PaymentChoice(method, query.from_user.id),
+            rpc_timeout=QUERY_TIMEOUT,
+        )
+    except WorkflowUpdateFailedError as err:
+        cause = err.cause
+        text = cause.message if isinstance(cause, ApplicationError) else words["expired"]
+        await _quietly(bot.answer_callback_query(query.id, text=text[:200], show_alert=True))
+        return
+    except ApiError:
+        await _quietly(bot.answer_callback_query(query.id, text=words["expired"]))
+        return
+    except RPCError as err:
+        text = words["expired"] if err.status == RPCStatusCode.NOT_FOUND else words["busy"]
+        await _quietly(bot.answer_callback_query(query.id, text=text, show_alert=True))
+        return
+    await _quietly(bot.answer_callback_query(query.id))
+    chat_id = query.message.chat.id if query.message else query.from_user.id
+    if view.payment_method == "balance":
+        await _send_quietly(state, chat_id, words["balance_paid"], [])
+    elif view.invoice_link or view.checkout_url:
+        label = (
+            words["stars"].format(stars=view.amount_stars) if view.invoice_link else words["stripe"]
+        )
+        await _send_quietly(
+            state,
+            chat_id,
+            words["link"].format(name=view.product_name, quantity=view.quantity),
+            [Button(label, url=view.invoice_link or view.checkout_url)],
+        )
+
+
+def _lang_of(query: CallbackQuery) -> str:
+    """The offer's language: that of the message the button is under."""
+    message = query.message
+    text = getattr(message, "text", None) or ""
+    return language(text)
+
+
+async def _send_quietly(state: Any, chat_id: int, text: str, buttons: list[Button]) -> None:
+    for _ in range(REPLY_ATTEMPTS):
+        try:
+            await state.bot.send_message(chat_id, text, reply_markup=keyboard(buttons))
+            return
+        except TelegramRetryAfter as err:
+            await asyncio.sleep(min(err.retry_after, REPLY_MAX_WAIT_SECONDS))
+        except TelegramAPIError as err:
+            log.warning("message to chat %s failed: %s", chat_id, err)
+            return
+    log.warning("message to chat %s dropped: still rate-limited", chat_id)
+
+
 def _reply_soon(state: Any, chat_id: int, text: str, buttons: list[Button]) -> None:
     """Sends the answer after the webhook has been answered, waiting out Telegram's 429s.
 
@@ -196,19 +310,7 @@ def _reply_soon(state: Any, chat_id: int, text: str, buttons: list[Button]) -> N
     customer can ask again.
     """
 
-    async def send() -> None:
-        for _ in range(REPLY_ATTEMPTS):
-            try:
-                await state.bot.send_message(chat_id, text, reply_markup=keyboard(buttons))
-                return
-            except TelegramRetryAfter as err:
-                await asyncio.sleep(min(err.retry_after, REPLY_MAX_WAIT_SECONDS))
-            except TelegramAPIError as err:
-                log.warning("reply to chat %s failed: %s", chat_id, err)
-                return
-        log.warning("reply to chat %s dropped: still rate-limited", chat_id)
-
-    task = asyncio.create_task(send())
+    task = asyncio.create_task(_send_quietly(state, chat_id, text, buttons))
     state.reply_tasks.add(task)
     task.add_done_callback(state.reply_tasks.discard)
 

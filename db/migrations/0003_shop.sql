@@ -95,8 +95,10 @@ CREATE TABLE IF NOT EXISTS orders (
                              'awaiting_payment', 'awaiting_supplier', 'delivered', 'expired',
                              'refunded', 'failed', 'needs_attention')),
     order_type           text        NOT NULL CHECK (order_type IN ('instant', 'prepaid')),
+    -- 'choice': an offer whose buyer picks the way to pay on one of its buttons.
     payment_method       text        NOT NULL
-                                     CHECK (payment_method IN ('stars', 'stripe', 'balance')),
+                                     CHECK (payment_method IN ('stars', 'stripe', 'balance',
+                                                               'choice')),
     payment_reference    text,
     paid_at              timestamptz,
     reserved_until       timestamptz,
@@ -516,9 +518,10 @@ BEGIN
         RETURN v_existing;
     END IF;
 
-    IF p_payment_method IS NULL OR p_payment_method NOT IN ('stars', 'stripe', 'balance') THEN
+    IF p_payment_method IS NULL
+       OR p_payment_method NOT IN ('stars', 'stripe', 'balance', 'choice') THEN
         RAISE EXCEPTION USING ERRCODE = 'P0001', MESSAGE = 'invalid_payment_method',
-            DETAIL = format('%s is not a payment method (stars, stripe or balance).',
+            DETAIL = format('%s is not a payment method (stars, stripe, balance or choice).',
                             coalesce(p_payment_method, 'null'));
     END IF;
     IF p_quantity IS NULL OR p_quantity < 1 OR p_quantity > coalesce(p_max_quantity, p_quantity)
