@@ -787,6 +787,11 @@ async def bench(args: argparse.Namespace, target: Target) -> int:
 
             for work in shop_figures(args, target, report):
                 await measure("e-g", work)
+            # The sales assistant's (bench/chat.py).
+            from bench.chat import chat_figures
+
+            for work in chat_figures(args, target, report):
+                await measure("h", work)
     finally:
         await customers.close()
     print_report(args, target, report)
@@ -852,7 +857,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds over which reads/s are counted (default %(default)s)",
     )
     parser.add_argument(
-        "--figures", default="abcdefg", help="which figures to measure (default abcdefg: all)"
+        "--figures", default="abcdefgh", help="which figures to measure (default abcdefgh: all)"
     )
     parser.add_argument(
         "--stock",
@@ -865,6 +870,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=100,
         help="Stars purchases end to end (g) (default %(default)s)",
+    )
+    parser.add_argument(
+        "--chats", type=int, default=50, help="customers chatting at once (h) (default %(default)s)"
+    )
+    parser.add_argument(
+        "--model-seconds",
+        type=float,
+        default=0.2,
+        help="how long the sandbox's model thinks per call (h) (default %(default)s)",
     )
     parser.add_argument(
         "--api", help="use a running stack at this URL instead of starting one (e.g. make dev)"
@@ -886,8 +900,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--keep", action="store_true", help="keep the own stack's data dir")
     args = parser.parse_args(argv)
-    if not args.figures or set(args.figures) - set("abcdefg"):
-        parser.error("--figures takes letters among a to g")
+    if not args.figures or set(args.figures) - set("abcdefgh"):
+        parser.error("--figures takes letters among a to h")
     if min(args.concurrency, args.orders, args.videos, args.rounds, args.watchers) < 1:
         parser.error("--concurrency, --orders, --videos, --rounds and --watchers must be positive")
     return args

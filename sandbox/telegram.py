@@ -46,7 +46,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
@@ -292,6 +292,12 @@ def _pages(tg: TelegramSandbox) -> APIRouter:
             "telegram_chats.html",
             {"chats": tg.chats.chats(), "webhook": tg.updates.webhook_info()},
         )
+
+    @pages.get("/phone", include_in_schema=False)
+    async def phone(user_id: Annotated[int | None, Query(gt=0)] = None) -> RedirectResponse:
+        """A phone for a person to try the bot: the chat of the user named, or of a new one."""
+        chosen = user_id or secrets.randbelow(900_000_000) + 100_000_000
+        return RedirectResponse(f"/telegram/chats/{chosen}", status_code=303)
 
     @pages.get("/chats/{chat_id}", response_class=HTMLResponse)
     async def chat_page(request: Request, chat_id: UserId) -> HTMLResponse:
