@@ -26,6 +26,8 @@ from bench.orders import Report, Row, percentile, ratio
 from bench.stack import Target, log
 
 FIRST_CHAT = 8_900_000_000
+# How often a customer looks at the chat for the answer (the latencies' resolution).
+POLL_SECONDS = 0.05
 # What each customer writes, and how many messages the bot answers it with (an offer
 # follows the assistant's words).
 SCRIPT = (("привет", 1), ("хочу {code}", 2), ("спасибо", 1), ("мои заказы", 1))
@@ -131,14 +133,17 @@ async def _conversations(sandbox: httpx.AsyncClient, chat_ids: list[int], code: 
             first = expected + 1
             expected += answers
             while True:
-                got = len(
-                    (await sandbox.get(f"/telegram/_sandbox/chats/{chat_id}/messages")).json()
-                )
+                try:
+                    resp = await sandbox.get(f"/telegram/_sandbox/chats/{chat_id}/messages")
+                except httpx.TransportError:
+                    await asyncio.sleep(POLL_SECONDS)  # the sandbox busy: ask again
+                    continue
+                got = len(resp.json())
                 if got >= first and (chat_id, update_id) not in run.replies:
                     run.replies[(chat_id, update_id)] = time.perf_counter() - sent
                 if got >= expected:
                     break
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(POLL_SECONDS)
 
     started = time.perf_counter()
     await asyncio.gather(*(one(c) for c in chat_ids))

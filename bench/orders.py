@@ -792,6 +792,13 @@ async def bench(args: argparse.Namespace, target: Target) -> int:
 
             for work in chat_figures(args, target, report):
                 await measure("h", work)
+            if "i" in args.figures:
+                from bench.search import search_figures
+
+                if target.database_url is None:
+                    report.problems.append("i: needs DATABASE_URL of the stack's database")
+                else:
+                    await measure("i", search_figures(target.database_url, report))
     finally:
         await customers.close()
     print_report(args, target, report)
@@ -857,7 +864,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds over which reads/s are counted (default %(default)s)",
     )
     parser.add_argument(
-        "--figures", default="abcdefgh", help="which figures to measure (default abcdefgh: all)"
+        "--figures", default="abcdefghi", help="which figures to measure (default abcdefghi: all)"
     )
     parser.add_argument(
         "--stock",
@@ -900,8 +907,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--keep", action="store_true", help="keep the own stack's data dir")
     args = parser.parse_args(argv)
-    if not args.figures or set(args.figures) - set("abcdefgh"):
-        parser.error("--figures takes letters among a to h")
+    if not args.figures or set(args.figures) - set("abcdefghi"):
+        parser.error("--figures takes letters among a to i")
     if min(args.concurrency, args.orders, args.videos, args.rounds, args.watchers) < 1:
         parser.error("--concurrency, --orders, --videos, --rounds and --watchers must be positive")
     return args

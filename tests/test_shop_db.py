@@ -998,8 +998,8 @@ async def test_the_demo_catalogue_loads_once_into_an_empty_shop(database_url: st
             )
         finally:
             await db.close()
-        assert len(catalog) == 8
-        assert sum(p["made_to_order"] for p in catalog) == 2
+        assert len(catalog) == 16
+        assert sum(p["made_to_order"] for p in catalog) == 3
         assert any(p["discount_percent"] > 0 for p in catalog)
         assert all(p["available"] > 0 for p in catalog if not p["made_to_order"])
         assert supplier is not None and supplier["name"] == "Demo Studio"

@@ -1,5 +1,5 @@
--- A small demo catalogue for the local stack and a fresh Supabase project: eight products in
--- English and Russian, stock with a few discounted units, and two products made to order by
+-- A small demo catalogue for the local stack and a fresh Supabase project: sixteen products in
+-- English and Russian, stock with a few discounted units, and three products made to order by
 -- a demo supplier. Does nothing when any product exists, so it is safe to run on every start
 -- (workers/stack.py load_demo_catalog) or by hand in Supabase's SQL editor.
 --
@@ -99,4 +99,72 @@ BEGIN
         'Your team''s Notion workspace built to your processes: projects, docs and a wiki. / '
         || 'Рабочее пространство Notion под процессы вашей команды: проекты, документы и вики.',
         3900, 'usd', true, 72, v_supplier);
+    v_product := (admin_create_product(
+        'Excel budget tracker / Таблица учёта бюджета в Excel',
+        'Monthly income and expenses, savings goals and charts in one spreadsheet. / '
+        || 'Доходы и расходы по месяцам, цели накоплений и графики в одной таблице.',
+        600, 'usd', false, NULL, NULL) ->> 'id')::bigint;
+    PERFORM admin_add_stock(v_product, '[
+        "https://example.com/demo/budget?key=DEMO-XL-0001",
+        "https://example.com/demo/budget?key=DEMO-XL-0002",
+        "https://example.com/demo/budget?key=DEMO-XL-0003"]');
+
+    v_product := (admin_create_product(
+        'Resume template / Шаблон резюме',
+        'A one-page CV in Word and Google Docs that passes applicant tracking systems. / '
+        || 'Резюме на одну страницу в Word и Google Docs, которое проходит ATS-фильтры.',
+        300, 'usd', false, NULL, NULL) ->> 'id')::bigint;
+    PERFORM admin_add_stock(v_product, '[
+        "https://example.com/demo/resume?key=DEMO-CV-0001",
+        "https://example.com/demo/resume?key=DEMO-CV-0002",
+        "https://example.com/demo/resume?key=DEMO-CV-0003"]');
+
+    v_product := (admin_create_product(
+        'Instagram post templates / Шаблоны постов для Instagram',
+        '50 editable Canva templates for posts and stories. / 50 редактируемых шаблонов '
+        || 'Canva для постов и сторис.',
+        800, 'usd', false, NULL, NULL) ->> 'id')::bigint;
+    PERFORM admin_add_stock(v_product, '[
+        "https://example.com/demo/insta?key=DEMO-IG-0001",
+        "https://example.com/demo/insta?key=DEMO-IG-0002"]');
+
+    v_product := (admin_create_product(
+        'English course for beginners / Курс английского для начинающих',
+        'Thirty video lessons with exercises, from the alphabet to everyday conversations. / '
+        || 'Тридцать видеоуроков с упражнениями, от алфавита до разговоров на каждый день.',
+        2500, 'usd', false, NULL, NULL) ->> 'id')::bigint;
+    PERFORM admin_add_stock(v_product, '[
+        "https://example.com/demo/english?key=DEMO-EN-0001",
+        "https://example.com/demo/english?key=DEMO-EN-0002"]');
+
+    v_product := (admin_create_product(
+        'Antivirus license, 1 year / Лицензия антивируса на 1 год',
+        'Protection for one computer or phone against viruses and phishing. / Защита '
+        || 'одного компьютера или телефона от вирусов и фишинга.',
+        1900, 'usd', false, NULL, NULL) ->> 'id')::bigint;
+    PERFORM admin_add_stock(v_product, '["DEMO-AV-9K2M-0001", "DEMO-AV-9K2M-0002"]');
+
+    v_product := (admin_create_product(
+        'Lightroom presets pack / Набор пресетов для Lightroom',
+        '25 presets for warm portraits, travel photos and film looks. / 25 пресетов для '
+        || 'тёплых портретов, фото из путешествий и плёночного стиля.',
+        450, 'usd', false, NULL, NULL) ->> 'id')::bigint;
+    PERFORM admin_add_stock(v_product, '[
+        "https://example.com/demo/presets?key=DEMO-LR-0001",
+        "https://example.com/demo/presets?key=DEMO-LR-0002"]');
+
+    v_product := (admin_create_product(
+        'Music for videos, royalty free / Музыка для видео без авторских отчислений',
+        'Twenty background tracks licensed for YouTube and ads. / Двадцать фоновых треков '
+        || 'с лицензией для YouTube и рекламы.',
+        1100, 'usd', false, NULL, NULL) ->> 'id')::bigint;
+    PERFORM admin_add_stock(v_product, '[
+        "https://example.com/demo/music?key=DEMO-MU-0001",
+        "https://example.com/demo/music?key=DEMO-MU-0002"]');
+
+    PERFORM admin_create_product(
+        'Website landing page, made to order / Лендинг под ключ на заказ',
+        'A one-page website for your product, designed and built from your texts. / '
+        || 'Одностраничный сайт для вашего продукта: дизайн и вёрстка по вашим текстам.',
+        9900, 'usd', true, 120, v_supplier);
 END $$;
