@@ -179,6 +179,13 @@ def decide(turn: Turn, tools: set[str]) -> dict[str, Any]:
                                             f"К сожалению, {name} нет в наличии."),
                       [product_id], quantity)  # fmt: skip
     offer = turn.result("offer_payment")
+    offers_made = sum(name == "offer_payment" for name, _, _ in turn.calls)
+    if offer is not None and offer.get("error") == "invalid_arguments" and offers_made == 1:
+        # Told the tool has no such argument, it tries again the way the tool allows.
+        return call(
+            "offer_payment",
+            {"product_id": product_id, "quantity": quantity, "payment_method": _method(text)},
+        )
     if offer is None:
         args: dict[str, Any] = {
             "product_id": product_id,

@@ -18,7 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from activities.assistant import CATALOG_MEMO_SECONDS
+from activities.assistant import CATALOG_MEMO_SECONDS, ContextCache
+from activities.gemini import make_genai_client
 from api.chat import chat_terms
 from tests.conftest import Stack
 from tests.shopkit import Shop, new_user_id
@@ -281,14 +282,18 @@ async def test_prompts_cannot_change_a_price_or_invent_a_discount(shop: Shop, at
     product = await shop.product(stock=2, price=800, name=f"Font bundle {code}")
     user = new_user_id()
     await say(shop, user, attack.format(code=code))
-    await bot_messages(shop, user, 1)
-    await asyncio.sleep(1.0)
-    # Whatever the model asked for, no order exists at a price other than the database's.
-    for order in await orders_of(shop, user):
-        assert (order["product_id"], order["amount"], order["amount_stars"]) == (product, 800, 400)
-    for message in await shop.messages(user):
-        for b in _buttons(message, "pay:"):
-            assert "400" in b["text"] or "8.00" in b["text"] or "balance" in b["text"].lower()
+    # The model passed a price or a discount to offer_payment, was told the tool has no such
+    # argument, and asked again without it: the one order is at the database's price.
+    offer = await offer_message(shop, user)
+    [order] = await orders_of(shop, user)
+    assert (order["product_id"], order["amount"], order["amount_stars"]) == (product, 800, 400)
+    assert order["order_id"] == offer_order(offer)
+    assert "8.00 USD" in offer["text"] and "400 ⭐" in offer["text"]
+    for b in _buttons(offer, "pay:"):
+        assert "400" in b["text"] or "8.00" in b["text"], b
+    products = (await shop.api.get("/api/shop/products", headers=await shop.as_user(user))).json()
+    [listed] = [p for p in products["products"] if p["id"] == product]
+    assert (listed["price"], listed["final_price"], listed["discount_percent"]) == (800, 800, 0)
     calls = await gemini(shop, "GET", "calls")
     assert any(
         c.get("function") == "offer_payment"
@@ -411,3 +416,31 @@ async def test_the_cache_is_created_used_and_rebuilt_when_the_catalog_changes(
         if c.get("path", "").endswith(":generateContent")
     ]
     assert calls[-1]["cached_content"] and calls[-1]["cached_content"] != last["cached_content"]
+
+
+async def test_the_cache_is_renewed_before_its_end_and_skipped_when_too_small(
+    shop: Shop,
+) -> None:
+    client = make_genai_client(shop.stack.settings)
+    model = shop.stack.settings.gemini_model
+    now = [time.time()]
+    cache = ContextCache(client, model, ttl_seconds=300, min_tokens=0, clock=lambda: now[0])
+    system = f"A system prompt {word()}"
+    name = await cache.name_for(system)
+    assert name is not None
+    first_end = (await client.aio.caches.get(name=name)).expire_time
+    # Still four fifths left: the same cache, untouched.
+    now[0] += 100
+    assert await cache.name_for(system) == name and cache.renewed == 0
+    # Less than a fifth left: its TTL is extended at Gemini, the name stays.
+    now[0] += 150
+    assert await cache.name_for(system) == name and cache.renewed == 1
+    assert (await client.aio.caches.get(name=name)).expire_time > first_end
+    # Another prefix (the catalog changed): a new cache, the old one deleted.
+    other = await cache.name_for(system + " and a new product")
+    assert other not in (None, name) and cache.created == 2
+    live = [c["name"] for c in await gemini(shop, "GET", "caches") if c["live"]]
+    assert other in live and name not in live
+    # Below the model's minimum no cache is made: the calls carry the prefix.
+    small = ContextCache(client, model, ttl_seconds=300, min_tokens=10**6)
+    assert await small.name_for(system) is None and small.created == 0
