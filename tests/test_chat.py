@@ -17,8 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
+from google.genai import errors as genai_errors
 
 from activities.assistant import CATALOG_MEMO_SECONDS, ContextCache
+from activities.embeddings import GeminiEmbedder
 from activities.gemini import make_genai_client
 from api.chat import chat_terms
 from tests.conftest import Stack
@@ -444,3 +446,36 @@ async def test_the_cache_is_renewed_before_its_end_and_skipped_when_too_small(
     # Below the model's minimum no cache is made: the calls carry the prefix.
     small = ContextCache(client, model, ttl_seconds=300, min_tokens=10**6)
     assert await small.name_for(system) is None and small.created == 0
+
+
+async def test_gemini_embeddings_and_both_api_versions_through_the_sdk(shop: Shop) -> None:
+    """With a key, search vectors come from Gemini's embedding model: here the sandbox's
+    batchEmbedContents, which answers with the local model's vectors, over v1 and v1beta."""
+    for version in ("v1", "v1beta"):
+        settings = shop.stack.settings.model_copy(update={"gemini_api_version": version})
+        embedder = GeminiEmbedder(make_genai_client(settings), settings.gemini_embedding_model)
+        vectors = await embedder.embed_documents(["VPN gift key", "Шаблон презентации"])
+        [query] = await embedder.embed_queries(["впн на телефон"])
+        assert [len(v) for v in (*vectors, query)] == [384, 384, 384]
+        assert abs(sum(x * x for x in query) - 1) < 1e-3  # normalised
+        # The query is nearer the product it means.
+        near = [sum(a * b for a, b in zip(query, v, strict=True)) for v in vectors]
+        assert near[0] > near[1]
+        reply = await make_genai_client(settings).aio.models.generate_content(
+            model=settings.gemini_model, contents="hello"
+        )
+        assert reply.text and "looking for" in reply.text
+        assert (await gemini(shop, "GET", "calls"))[-1]["path"].startswith(f"/gemini/{version}/")
+    # A key the sandbox does not know (model_copy skips the check that would refuse a key
+    # next to the sandbox's URL) is refused as Gemini refuses one.
+    wrong = shop.stack.settings.model_copy(
+        update={
+            "gemini_api_key": "not-the-key",
+            "gemini_api_url": f"{shop.stack.sandbox_url}/gemini",
+        }
+    )
+    with pytest.raises(genai_errors.ClientError) as refused:
+        await make_genai_client(wrong).aio.models.generate_content(
+            model=wrong.gemini_model, contents="hello"
+        )
+    assert refused.value.code == 400
