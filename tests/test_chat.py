@@ -163,6 +163,9 @@ async def test_a_request_in_russian_becomes_a_paid_delivered_order(shop: Shop) -
     delivered = await shop.wait_status(user, order_id, "delivered")
     assert delivered["payment_method"] == "stars" and delivered["content"]
     await shop.wait_message(user, delivered["content"][0])
+    # "typing..." showed while the model worked.
+    actions = (await shop.sandbox.get(f"/telegram/_sandbox/chats/{user}/actions")).json()
+    assert "typing" in [a["action"] for a in actions]
     # The model saw the tools it was given and used them in this order.
     calls = await gemini(shop, "GET", "calls")
     used = [c.get("function") for c in calls if c.get("function")]
