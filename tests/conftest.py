@@ -331,3 +331,12 @@ async def stack(
     for service in (worker, api, sandbox):
         service.stop()
         assert service.error is None, f"{service} failed: {service.error!r}"
+
+
+@pytest.fixture
+async def shop(stack: Stack) -> AsyncIterator[Any]:
+    """The Telegram shop's users over HTTP (tests/shopkit.py), with the sandbox's controls."""
+    from tests.shopkit import Shop  # shopkit imports this module
+
+    async with httpx.AsyncClient(base_url=stack.sandbox_url, timeout=30) as sandbox:
+        yield Shop(stack, sandbox)

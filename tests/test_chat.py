@@ -482,3 +482,19 @@ async def test_gemini_embeddings_and_both_api_versions_through_the_sdk(shop: Sho
             model=wrong.gemini_model, contents="hello"
         )
     assert refused.value.code == 400
+
+
+async def test_the_assistant_hands_over_when_asked_for_a_person(shop: Shop) -> None:
+    operators = shop.stack.settings.operator_chat_id
+    user = new_user_id()
+    await say(shop, user, "Можно поговорить с человеком?")
+    [answer] = await bot_messages(shop, user, 1)
+    assert "оператор" in answer["text"].lower()
+    await shop.wait_message(operators, f"Chat {user}")
+    view = await shop.stack.client.get_workflow_handle(workflow_id(user)).query(ChatWorkflow.view)
+    assert view.assistant_enabled is False
+    # The assistant stays quiet in this chat until an operator turns it back on.
+    await say(shop, user, "hello?")
+    await shop.wait_message(operators, "hello?")
+    await asyncio.sleep(0.5)
+    assert len(await shop.messages(user)) == 1

@@ -7,53 +7,30 @@ Uses Debian's chromium; a missing browser fails the test rather than skipping it
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
-import pytest
-from playwright.async_api import async_playwright, expect
+from playwright.async_api import expect
 
-from tests.conftest import Stack
 from tests.shopkit import Shop, new_user_id
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, CHROMIUM_PRESENT
-
-
-@pytest.fixture
-async def shop(stack: Stack) -> AsyncIterator[Shop]:
-    async with httpx.AsyncClient(base_url=stack.sandbox_url, timeout=30) as sandbox:
-        yield Shop(stack, sandbox)
+from tests.test_browser import phone_page
 
 
 async def test_the_phone_page_buys_through_the_assistant(shop: Shop, tmp_path: Path) -> None:
-    assert CHROMIUM_PRESENT, f"{CHROMIUM} is missing: apt-get install chromium"
     code = "zq" + uuid.uuid4().hex[:6]
     await shop.product(stock=2, price=700, name=f"Планер {code} / Planner {code}")
     user = new_user_id()
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        page = await browser.new_page(viewport={"width": 390, "height": 844})  # a phone
-        script_errors: list[str] = []
-        page.on("pageerror", lambda err: script_errors.append(str(err)))
-        try:
-            await page.goto(f"{shop.stack.sandbox_url}/telegram/phone?user_id={user}")
-            await page.locator("#text").fill(f"Хочу планер {code}")
-            await page.locator("#text").press("Enter")
-            # The shop's offer, with its price from the database, and a button per way to pay.
-            offer = page.locator(".msg.bot", has_text="Цена:")
-            await expect(offer).to_contain_text("7.00 USD", timeout=30_000)
-            await offer.get_by_role("button", name="Оплатить 350 ⭐").click()
-            invoice = page.locator(".msg.bot", has_text="Нажмите, чтобы оплатить")
-            await invoice.get_by_role("button", name="Pay with Stars").click()
-            goods = page.locator(".msg.bot", has_text="KEY-")
-            await expect(goods).to_contain_text("Your order", timeout=30_000)
-        except Exception:
-            await page.screenshot(path=tmp_path / "phone.png", full_page=True)
-            raise
-        finally:
-            await browser.close()
+    async with phone_page(tmp_path / "phone.png") as (page, script_errors):
+        await page.goto(f"{shop.stack.sandbox_url}/telegram/phone?user_id={user}")
+        await page.locator("#text").fill(f"Хочу планер {code}")
+        await page.locator("#text").press("Enter")
+        # The shop's offer, with its price from the database, and a button per way to pay.
+        offer = page.locator(".msg.bot", has_text="Цена:")
+        await expect(offer).to_contain_text("7.00 USD", timeout=30_000)
+        await offer.get_by_role("button", name="Оплатить 350 ⭐").click()
+        invoice = page.locator(".msg.bot", has_text="Нажмите, чтобы оплатить")
+        await invoice.get_by_role("button", name="Pay with Stars").click()
+        goods = page.locator(".msg.bot", has_text="KEY-")
+        await expect(goods).to_contain_text("Your order", timeout=30_000)
     [order] = (await shop.me(user))["orders"]
     assert order["status"] == "delivered" and order["amount"] == 700
     assert order["payment_method"] == "stars"

@@ -141,3 +141,45 @@ async def test_bad_input_is_refused(demo: PostgresShopDb, query: str, limit: int
              "p_limit": limit, "p_stars_per_unit": 50},
         )  # fmt: skip
     assert refused.value.code == "invalid_argument"
+
+
+async def test_supabase_roles_reach_only_what_the_service_role_may(database_url: str) -> None:
+    """On Supabase the anon key is public: no function or table of the shop, the search and
+    the assistant's record included, is open to it; the service role reaches them all."""
+    name = f"roles_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(database_url)
+    try:
+        for role in ("anon", "authenticated", "service_role"):
+            exists = await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
+            if not exists:
+                await admin.execute(f"CREATE ROLE {role} NOLOGIN")
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        dsn = database_url.replace("/orderflow?", f"/{name}?")
+        await apply_migrations(dsn)
+        conn = await asyncpg.connect(dsn)
+        try:
+            functions = await conn.fetch(
+                "SELECT p.oid::regprocedure::text AS f FROM pg_proc p "
+                "JOIN pg_namespace n ON n.oid = p.pronamespace "
+                "WHERE n.nspname IN ('public', 'shop_internal') AND p.prokind = 'f' "
+                "AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = p.oid "
+                "AND d.deptype = 'e')"
+            )
+            assert len(functions) > 40
+            for row in functions:
+                allowed = [
+                    await conn.fetchval(
+                        "SELECT has_function_privilege($1, $2, 'EXECUTE')", r, row["f"]
+                    )
+                    for r in ("anon", "authenticated", "service_role")
+                ]
+                assert allowed == [False, False, True], (row["f"], allowed)
+            for table in ("products", "orders", "assistant_model_calls"):
+                assert not await conn.fetchval(
+                    "SELECT has_table_privilege('anon', $1, 'SELECT')", table
+                )
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

@@ -221,6 +221,18 @@ REFUSALS: dict[str, tuple[dict[str, Any], str]] = {
         },
         "SUPABASE_SERVICE_ROLE_KEY is the sandbox's public key",
     ),
+    "gemini with the sandbox's key": (
+        {"gemini_api_key": "sandbox-gemini-key"},
+        "GEMINI_API_KEY is the sandbox's public key",
+    ),
+    "gemini url without a key": (
+        {"gemini_api_url": "https://gemini-proxy.example.com"},
+        "GEMINI_API_URL is set but GEMINI_API_KEY is not",
+    ),
+    "a real gemini key sent to the sandbox": (
+        {"gemini_api_key": "AIza-real-key", "gemini_api_url": "http://localhost:8100/gemini"},
+        "GEMINI_API_URL points at the sandbox",
+    ),
 }
 
 
@@ -428,3 +440,17 @@ async def test_production_without_a_bot_turns_the_shop_off() -> None:
             assert resp.status_code == 503, (path, resp.text)
             assert resp.json()["error"] == "shop_disabled"
     assert build().shop_enabled and build(**BOT).shop_enabled
+
+
+def test_the_assistant_runs_on_a_real_key_or_wholly_in_the_sandbox() -> None:
+    """A real bot never hands its customers to the sandbox's scripted model: without a Gemini
+    key it answers text with the shop's button; with one, Gemini's own endpoint is used."""
+    sandbox = build()
+    assert sandbox.assistant_enabled and sandbox.gemini_base == f"{SANDBOX_URL}/gemini"
+    assert sandbox.embedding_model == "multilingual-e5-small"
+    assert not build(**BOT).assistant_enabled
+    real = build(**BOT, gemini_api_key="AIza-real-key")
+    assert real.assistant_enabled and real.gemini_key == "AIza-real-key"
+    assert real.gemini_base == "https://generativelanguage.googleapis.com"
+    assert real.embedding_model == "gemini-embedding-001"
+    assert build(operator_chat_id="").operator_chat_id is None

@@ -6,24 +6,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
-import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHandle
 
 from api.shop import ShopOrderCreate, TelegramUser, new_purchase
-from tests.conftest import Stack
 from tests.shopkit import Shop, new_user_id
 from workflows.purchase import PurchaseView, PurchaseWorkflow, workflow_id
-
-
-@pytest.fixture
-async def shop(stack: Stack) -> AsyncIterator[Shop]:
-    async with httpx.AsyncClient(base_url=stack.sandbox_url, timeout=30) as sandbox:
-        yield Shop(stack, sandbox)
 
 
 async def _start(

@@ -8,7 +8,6 @@ import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
@@ -32,12 +31,6 @@ async def skipping(stack: Stack) -> AsyncIterator[tuple[WorkflowEnvironment, Set
             yield env, settings
     finally:
         await env.shutdown()
-
-
-@pytest.fixture
-async def shop(stack: Stack) -> AsyncIterator[Shop]:
-    async with httpx.AsyncClient(base_url=stack.sandbox_url, timeout=30) as sandbox:
-        yield Shop(stack, sandbox)
 
 
 async def test_prepaid_order_past_its_deadline_is_refunded(skipping, shop: Shop) -> None:

@@ -206,6 +206,7 @@ class Settings(BaseSettings):
         "supabase_service_role_key",
         "gemini_api_key",
         "gemini_api_url",
+        "operator_chat_id",
         mode="before",
     )
     @classmethod

@@ -205,36 +205,9 @@ class PurchaseView:
 
 
 @dataclass
-class PurchaseInput:
-    order_id: str
-    telegram_id: int
-    product_id: int
-    quantity: int
-    payment_method: str  # stars | stripe | balance
-    reservation_ttl_seconds: int
-    stars_per_unit: float
-    max_unpaid_orders: int
-    max_units: int
-    refund_to_balance: bool
-    late_payment_seconds: int
-    refund_retry_seconds: int
-    success_url: str
-    cancel_url: str
-    app_url: str
-    # How long an approved Stars checkout keeps the order waiting past its reservation.
-    precheckout_grace_seconds: int = 30
-    # A new run of an order whose workflow had closed when a payment for it arrived: it
-    # starts from the closed run's view and gives back what `refund_payment` signals.
-    refund_only: bool = False
-    previous_view: PurchaseView | None = None
-    # The workflow that placed this order and waits for OFFER_PLACED_SIGNAL (a chat).
-    notify_workflow_id: str | None = None
-
-
-@dataclass
 class PurchaseTerms:
-    """The settings a purchase keeps for its whole life: PurchaseInput's own fields, for
-    whoever places orders (the API, a chat's offers)."""
+    """The settings a purchase keeps for its whole life, for whoever places orders (the API,
+    a chat's offers)."""
 
     reservation_ttl_seconds: int
     stars_per_unit: float
@@ -249,8 +222,30 @@ class PurchaseTerms:
         page = f"{self.app_url}?order={order['order_id']}"
         order.setdefault("success_url", f"{page}&paid=1")
         order.setdefault("cancel_url", page)
+        terms = {f.name: getattr(self, f.name) for f in dataclasses.fields(PurchaseTerms)}
         # An order may override a term (a refund-only run takes no late payments).
-        return PurchaseInput(**{**dataclasses.asdict(self), **order})
+        return PurchaseInput(**{**terms, **order})
+
+
+@dataclass(kw_only=True)
+class PurchaseInput(PurchaseTerms):
+    """One order and its terms."""
+
+    order_id: str
+    telegram_id: int
+    product_id: int
+    quantity: int
+    payment_method: str  # stars | stripe | balance | choice
+    success_url: str
+    cancel_url: str
+    # How long an approved Stars checkout keeps the order waiting past its reservation.
+    precheckout_grace_seconds: int = 30
+    # A new run of an order whose workflow had closed when a payment for it arrived: it
+    # starts from the closed run's view and gives back what `refund_payment` signals.
+    refund_only: bool = False
+    previous_view: PurchaseView | None = None
+    # The workflow that placed this order and waits for OFFER_PLACED_SIGNAL (a chat).
+    notify_workflow_id: str | None = None
 
 
 @workflow.defn

@@ -1090,31 +1090,15 @@ END $$;
 -- On Supabase the anon key is public and, by default, may call every function and read every
 -- table in `public`. These functions move money and stock, so only the service role (and the
 -- owner, which asyncpg connects as) may use them. Roles missing here (plain Postgres) are
--- skipped.
-DO $$
+-- skipped. Later migrations call this for what they add.
+CREATE OR REPLACE PROCEDURE shop_internal.service_role_only(p_objects text[])
+LANGUAGE plpgsql AS $$
 DECLARE
     v_object text;
     v_role   text;
 BEGIN
-    FOR v_object IN
-        SELECT 'FUNCTION ' || p.oid::regprocedure::text
-        FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-        WHERE (n.nspname = 'shop_internal') OR (n.nspname = 'public' AND p.proname = ANY (ARRAY[
-            'stars_for_amount', 'shop_catalog', 'reserve_product_for_purchase',
-            'release_reservation', 'get_order', 'create_order_with_availability_check',
-            'pay_order_from_balance', 'complete_purchase', 'process_prepaid_payment',
-            'submit_fulfilment', 'fulfill_prepaid_order', 'expire_order', 'process_refund',
-            'record_payment', 'record_external_refund', 'set_order_status',
-            'record_telegram_delivery', 'get_order_content', 'add_to_user_balance',
-            'user_overview', 'supplier_for_token', 'supplier_orders', 'admin_create_supplier',
-            'admin_create_product', 'admin_add_stock', 'admin_shop_orders',
-            'claim_telegram_update']))
-        UNION ALL
-        SELECT 'TABLE ' || quote_ident(t) FROM unnest(ARRAY[
-            'users', 'suppliers', 'products', 'stock_items', 'orders', 'order_fulfilments',
-            'balance_transactions', 'telegram_updates', 'available_stock_with_discounts']) t
-    LOOP
-        IF v_object LIKE 'FUNCTION %' THEN
+    FOREACH v_object IN ARRAY p_objects LOOP
+        IF v_object LIKE 'FUNCTION %' OR v_object LIKE 'PROCEDURE %' THEN
             EXECUTE format('REVOKE ALL ON %s FROM PUBLIC', v_object);
         END IF;
         FOREACH v_role IN ARRAY ARRAY['anon', 'authenticated'] LOOP
@@ -1126,6 +1110,33 @@ BEGIN
             EXECUTE format('GRANT ALL ON %s TO service_role', v_object);
         END IF;
     END LOOP;
+END $$;
+
+DO $$
+DECLARE
+    v_objects text[];
+BEGIN
+    v_objects := ARRAY(
+        SELECT 'FUNCTION ' || p.oid::regprocedure::text
+        FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE p.prokind = 'f' AND ((n.nspname = 'shop_internal')
+           OR (n.nspname = 'public' AND p.proname = ANY (ARRAY[
+            'stars_for_amount', 'shop_catalog', 'reserve_product_for_purchase',
+            'release_reservation', 'get_order', 'create_order_with_availability_check',
+            'pay_order_from_balance', 'complete_purchase', 'process_prepaid_payment',
+            'submit_fulfilment', 'fulfill_prepaid_order', 'expire_order', 'process_refund',
+            'record_payment', 'record_external_refund', 'set_order_status',
+            'record_telegram_delivery', 'get_order_content', 'add_to_user_balance',
+            'user_overview', 'supplier_for_token', 'supplier_orders', 'admin_create_supplier',
+            'admin_create_product', 'admin_add_stock', 'admin_shop_orders',
+            'claim_telegram_update'])))
+        UNION ALL
+        SELECT 'PROCEDURE shop_internal.service_role_only(text[])'
+        UNION ALL
+        SELECT 'TABLE ' || quote_ident(t) FROM unnest(ARRAY[
+            'users', 'suppliers', 'products', 'stock_items', 'orders', 'order_fulfilments',
+            'balance_transactions', 'telegram_updates', 'available_stock_with_discounts']) t);
+    CALL shop_internal.service_role_only(v_objects);
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN
         GRANT USAGE ON SCHEMA shop_internal TO service_role;
     END IF;

@@ -153,24 +153,11 @@ RETURNS jsonb LANGUAGE sql AS $$
     SELECT jsonb_build_object('stored', EXISTS (SELECT 1 FROM stored))
 $$;
 
-DO $$
-DECLARE
-    v_object text;
-    v_role   text;
-BEGIN
-    FOREACH v_object IN ARRAY ARRAY[
-        'FUNCTION search_products(text, vector, text, integer, numeric)',
-        'FUNCTION products_to_embed(text, integer)',
-        'FUNCTION set_product_embedding(bigint, text, text, vector)']
-    LOOP
-        EXECUTE format('REVOKE ALL ON %s FROM PUBLIC', v_object);
-        FOREACH v_role IN ARRAY ARRAY['anon', 'authenticated'] LOOP
-            IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v_role) THEN
-                EXECUTE format('REVOKE ALL ON %s FROM %I', v_object, v_role);
-            END IF;
-        END LOOP;
-        IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN
-            EXECUTE format('GRANT ALL ON %s TO service_role', v_object);
-        END IF;
-    END LOOP;
-END $$;
+-- As in 0003: only the owner and Supabase's service_role reach these.
+CALL shop_internal.service_role_only(ARRAY[
+    'FUNCTION search_products(text, vector, text, integer, numeric)',
+    'FUNCTION products_to_embed(text, integer)',
+    'FUNCTION set_product_embedding(bigint, text, text, vector)',
+    'FUNCTION shop_internal.product_text(text, text)',
+    'FUNCTION shop_internal.product_json(available_stock_with_discounts, numeric)',
+    'FUNCTION shop_internal.any_words(regconfig, text)']);

@@ -86,27 +86,8 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
 $$;
 
 -- As in 0003: only the owner and Supabase's service_role reach these.
-DO $$
-DECLARE
-    v_object text;
-    v_role   text;
-BEGIN
-    FOREACH v_object IN ARRAY ARRAY[
-        'FUNCTION product_availability(bigint, integer, numeric, integer)',
-        'FUNCTION record_model_call(text, bigint, text, text, integer, integer, integer, integer)',
-        'FUNCTION assistant_metrics()',
-        'TABLE assistant_model_calls']
-    LOOP
-        IF v_object LIKE 'FUNCTION %' THEN
-            EXECUTE format('REVOKE ALL ON %s FROM PUBLIC', v_object);
-        END IF;
-        FOREACH v_role IN ARRAY ARRAY['anon', 'authenticated'] LOOP
-            IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v_role) THEN
-                EXECUTE format('REVOKE ALL ON %s FROM %I', v_object, v_role);
-            END IF;
-        END LOOP;
-        IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN
-            EXECUTE format('GRANT ALL ON %s TO service_role', v_object);
-        END IF;
-    END LOOP;
-END $$;
+CALL shop_internal.service_role_only(ARRAY[
+    'FUNCTION product_availability(bigint, integer, numeric, integer)',
+    'FUNCTION record_model_call(text, bigint, text, text, integer, integer, integer, integer)',
+    'FUNCTION assistant_metrics()',
+    'TABLE assistant_model_calls']);
