@@ -54,6 +54,11 @@ with workflow.unsafe.imports_passed_through():
 WORKFLOW_ID_PREFIX = "chat:"
 # Update ids remembered across runs: Telegram redelivers an update within minutes.
 SEEN_KEPT = 500
+# Every model call carries the transcript, so a chat of long messages grows its history by
+# bytes sooner than by events: it continues as new past this size too.
+MAX_HISTORY_BYTES = 2 * 1024 * 1024
+# What the model reads of one message (Telegram allows 4096 characters).
+MAX_MESSAGE_CHARS = 2000
 # Messages answered after continue-as-new fell due, before the rest are carried over.
 DRAIN_AT_MOST = 5
 # A chat with the assistant on and nothing to say for this long ends; the next message
@@ -280,6 +285,7 @@ class ChatWorkflow:
         info = workflow.info()
         return (
             info.get_current_history_length() >= self._terms.max_history_events
+            or info.get_current_history_size() >= MAX_HISTORY_BYTES
             or info.is_continue_as_new_suggested()
         )
 
@@ -301,7 +307,7 @@ class ChatWorkflow:
         )
 
     async def _answer(self, msg: ChatMessage) -> None:
-        text = msg.text.strip()
+        text = msg.text.strip()[:MAX_MESSAGE_CHARS]
         lang = language(text)
         command = text.split(maxsplit=1)[0].split("@")[0].lower() if text else ""
         if command == "/operator":
