@@ -8,10 +8,13 @@ searchable by meaning at the next question.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from activities.embeddings import Embedder
 from activities.shop_db import ShopDb
+
+log = logging.getLogger(__name__)
 
 REFRESH_BATCH = 32
 # Products embedded before one search at most; the next search goes on with the rest.
@@ -60,8 +63,14 @@ class CatalogSearch:
         """Active products best first (the catalog's shape plus `score`)."""
         vector = None
         if by_meaning:
-            await self.refresh()
-            [vector] = await self._embedder.embed_queries([query])
+            try:
+                await self.refresh()
+                [vector] = await self._embedder.embed_queries([query])
+            except Exception as err:
+                # The words still find most things: a customer gets an answer now rather
+                # than a search that waits for the embedding model to come back.
+                log.warning("searching by words alone: embedding failed: %s", err)
+                vector = None
         return await self._db.rpc(
             "search_products",
             {

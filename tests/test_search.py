@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from activities.embeddings import LocalEmbedder
+from activities.embeddings import GeminiEmbedder, LocalEmbedder
 from activities.search import CatalogSearch
 from activities.shop_db import PostgresShopDb, ShopError
 from bench.search import labelled_queries, recall_at
@@ -183,3 +183,21 @@ async def test_supabase_roles_reach_only_what_the_service_role_may(database_url:
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def test_an_embedding_model_that_is_down_leaves_search_by_words(
+    demo: PostgresShopDb,
+) -> None:
+    """Gemini's embedding endpoint unreachable: the customer still gets products."""
+    from google import genai
+    from google.genai import types
+
+    dead = genai.Client(
+        api_key="k",
+        http_options=types.HttpOptions(
+            base_url="http://127.0.0.1:9/", retry_options=types.HttpRetryOptions(attempts=1)
+        ),
+    )
+    search = CatalogSearch(demo, GeminiEmbedder(dead, "gemini-embedding-001"), stars_per_unit=50)
+    [first, *_] = await search.search("vpn key", limit=3)
+    assert first["name"].startswith("VPN gift key")
