@@ -26,6 +26,9 @@ from bench.orders import Report, Row, percentile, ratio
 from bench.stack import Target, log
 
 FIRST_CHAT = 8_900_000_000
+# Idle connections are dropped before uvicorn's 5 s keep-alive ends: a request sent on one
+# the server is closing fails with ReadError, and a message must not be sent twice.
+LIMITS = httpx.Limits(max_connections=60, keepalive_expiry=2.0)
 # How often a customer looks at the chat for the answer (the latencies' resolution).
 POLL_SECONDS = 0.05
 # What each customer writes, and how many messages the bot answers it with (an offer
@@ -40,10 +43,8 @@ async def chats(args: Any, target: Target, report: Report) -> None:
     admin = {"Authorization": f"Bearer {target.admin_token}"}
     code = "zq" + uuid.uuid4().hex[:6]
     async with (
-        httpx.AsyncClient(base_url=target.api_url, timeout=60) as api,
-        httpx.AsyncClient(
-            base_url=target.sandbox_url, timeout=60, limits=httpx.Limits(max_connections=60)
-        ) as sandbox,
+        httpx.AsyncClient(base_url=target.api_url, timeout=60, limits=LIMITS) as api,
+        httpx.AsyncClient(base_url=target.sandbox_url, timeout=60, limits=LIMITS) as sandbox,
     ):
         created = await api.post(
             "/api/admin/products",
