@@ -580,8 +580,7 @@ def _product_for_model(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_contents(steps: list[Step]) -> list[types.Content]:
-    """Steps as Gemini's contents: a model turn's calls in one content, their results in
-    the next (as the API pairs them)."""
+    """Steps as Gemini's contents, alternating user and model turns."""
     contents: list[types.Content] = []
     for step in steps:
         if step.role == "tool":
@@ -598,16 +597,10 @@ def to_contents(steps: list[Step]) -> list[types.Content]:
         else:
             part = types.Part(text=step.text or "")
             role = "model" if step.role == "model" else "user"
-        last = contents[-1] if contents else None
-        joinable = step.role == "tool" or (step.role == "model" and step.name)
-        if (
-            last is not None
-            and last.role == role
-            and joinable
-            and last.parts
-            and (last.parts[-1].function_call or last.parts[-1].function_response)
-        ):
-            last.parts.append(part)
+        if contents and contents[-1].role == role and contents[-1].parts is not None:
+            # One content per turn: Gemini pairs a turn's calls with the next turn's results,
+            # and an operator's words after the model's stay in the model's turn.
+            contents[-1].parts.append(part)
         else:
             contents.append(types.Content(role=role, parts=[part]))
     return contents

@@ -54,6 +54,7 @@ with workflow.unsafe.imports_passed_through():
 WORKFLOW_ID_PREFIX = "chat:"
 # Update ids remembered across runs: Telegram redelivers an update within minutes.
 SEEN_KEPT = 500
+REPLIES_KEPT = 100
 # Every model call carries the transcript, so a chat of long messages grows its history by
 # bytes sooner than by events: it continues as new past this size too.
 MAX_HISTORY_BYTES = 2 * 1024 * 1024
@@ -176,6 +177,7 @@ class ChatInput:
     seen: list[int] = field(default_factory=list)
     assistant_enabled: bool = True
     stats: ChatStats = field(default_factory=ChatStats)
+    replies: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -207,7 +209,8 @@ class ChatWorkflow:
         self._enabled = inp.assistant_enabled
         self._stats = inp.stats
         self._placed: dict[str, PurchaseView | None] = {}
-        self._replies: dict[str, str] = {}
+        # Operators' reply ids and their outcomes, the latest kept across runs.
+        self._replies: dict[str, str] = dict(inp.replies)
 
     # --- messages ---------------------------------------------------------------------
 
@@ -231,6 +234,8 @@ class ChatWorkflow:
     async def operator_reply(self, reply: OperatorReply) -> str:
         """The shop answers as itself (an operator); 'sent' or 'blocked'."""
         if reply.reply_id in self._replies:
+            # The same request again (a retry): the first one's outcome, once it is known.
+            await workflow.wait_condition(lambda: self._replies[reply.reply_id] != "sending")
             return self._replies[reply.reply_id]
         self._replies[reply.reply_id] = "sending"
         outcome = await self._send(reply.text, [])
@@ -303,6 +308,7 @@ class ChatWorkflow:
                 seen=self._seen,
                 assistant_enabled=self._enabled,
                 stats=self._stats,
+                replies=dict(list(self._replies.items())[-REPLIES_KEPT:]),
             )
         )
 
@@ -318,7 +324,11 @@ class ChatWorkflow:
             self._add_turn(Turn("user", text))
             return
         self._add_turn(Turn("user", text))
-        steps = [Step(role=_step_role(t), text=t.text) for t in self._transcript]
+        # The conversation starts with the customer (the oldest turns were dropped).
+        turns = list(self._transcript)
+        while turns and turns[0].role != "user":
+            turns.pop(0)
+        steps = [Step(role=_step_role(t), text=t.text) for t in turns]
         offer: PurchaseView | None = None
         answer: Answer | None = None
         exhausted = False
