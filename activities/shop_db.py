@@ -2,8 +2,10 @@
 
 One contract, two transports: `rpc(function, params)` calls a function in the `public` schema
 with named arguments and returns its decoded JSON result (None for SQL null). A refusal by a
-function (SQLSTATE P0001) becomes ShopError with its stable code; every other failure
-(connection, timeout, 5xx) is raised as it is, for the caller to retry.
+function (SQLSTATE P0001) becomes ShopError with its stable code; a database that cannot
+answer (down, restarting, out of connections, too slow, a PostgREST 5xx) becomes
+ShopUnavailable; anything else (a bug) is raised as it is. Callers retry ShopUnavailable;
+the API answers it with 503.
 
 Both transports turn the JSON parameters into SQL values the same way, through the function's
 declared parameter types (PostgREST's `json_to_record`, and `jsonb_to_record` here), so a
@@ -29,8 +31,10 @@ if TYPE_CHECKING:
 
     from workers.settings import Settings
 
-# How long one call may take over Supabase's REST API before it counts as failed.
-RPC_TIMEOUT_SECONDS = 30.0
+# How long one call may take (either transport) before it counts as failed, and how long
+# opening a connection may take: a database that hangs must not hang its callers.
+RPC_TIMEOUT_SECONDS = 25.0
+CONNECT_TIMEOUT_SECONDS = 5.0
 
 
 class ShopError(Exception):
@@ -43,6 +47,23 @@ class ShopError(Exception):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.detail}" if self.detail else self.code
+
+
+class ShopUnavailable(Exception):
+    """The database could not answer this call; it may or may not have run (every shop
+    function is idempotent for its order, so a retry is safe)."""
+
+
+# Failures that mean "the database is not answering now", whoever sees them.
+DB_OUTAGES: tuple[type[BaseException], ...] = (ShopUnavailable, OSError, TimeoutError)
+_ASYNCPG_OUTAGES = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up, cancelled
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
+    asyncpg.InterfaceError,  # the connection closed under the call
+    OSError,
+    TimeoutError,
+)
 
 
 class ShopDb(Protocol):
@@ -73,7 +94,16 @@ class PostgresShopDb:
 
     @classmethod
     async def connect(cls, dsn: str, *, max_size: int = 10) -> PostgresShopDb:
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size)
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=1,
+                max_size=max_size,
+                timeout=CONNECT_TIMEOUT_SECONDS,
+                command_timeout=RPC_TIMEOUT_SECONDS,
+            )
+        except _ASYNCPG_OUTAGES as err:
+            raise ShopUnavailable(f"connecting: {err}") from err
         return cls(pool)
 
     async def _signature(self, function: str) -> list[tuple[str, str]]:
@@ -111,6 +141,8 @@ class PostgresShopDb:
             text = await self._pool.fetchval(sql, *args)
         except asyncpg.RaiseError as err:
             raise ShopError(err.message, err.detail or "") from None
+        except _ASYNCPG_OUTAGES as err:
+            raise ShopUnavailable(f"{function}: {type(err).__name__}: {err}") from err
         return None if text is None else json.loads(text)
 
     async def close(self) -> None:
@@ -155,11 +187,26 @@ class SupabaseShopDb:
         except APIError as err:
             if err.code == "P0001":
                 raise ShopError(err.message or "", _text(err.details)) from None
+            if _is_outage(err):
+                raise ShopUnavailable(f"{function}: {err.code}: {err.message}") from err
             raise
+        except httpx.TransportError as err:
+            raise ShopUnavailable(f"{function}: {type(err).__name__}: {err}") from err
         return response.data
 
     async def close(self) -> None:
         await self._http.aclose()
+
+
+# PostgREST's codes for a database it cannot reach or use (PGRST000-003: connection, pool,
+# schema cache), and the SQLSTATE classes of a database that is going away or overloaded.
+_POSTGREST_OUTAGE_CODES = ("PGRST000", "PGRST001", "PGRST002", "PGRST003")
+_SQLSTATE_OUTAGE_CLASSES = ("08", "53", "57")
+
+
+def _is_outage(err: APIError) -> bool:
+    code = err.code or ""
+    return code in _POSTGREST_OUTAGE_CODES or code[:2] in _SQLSTATE_OUTAGE_CLASSES
 
 
 def _text(details: Any) -> str:

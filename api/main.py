@@ -32,6 +32,8 @@ ACKNOWLEDGED_EVENTS_KEPT = 50_000
 # megabyte.
 MAX_BODY_BYTES = 64 * 1024
 MAX_WEBHOOK_BODY_BYTES = 1024 * 1024
+# Goods: a supplier's delivery, an operator's batch of stock (api/routes/shop.py caps items).
+MAX_GOODS_BODY_BYTES = 4 * 1024 * 1024
 # Telegram update ids remembered per process (a fast path; see api/routes/telegram.py).
 TELEGRAM_UPDATES_KEPT = 50_000
 # setWebhook is retried at start until the Bot API server answers, at most this far apart.
@@ -88,7 +90,8 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
     app.state.temporal = temporal
     app.state.connect_temporal = connect_temporal
     app.state.acknowledged_events = webhooks.RecentIds(ACKNOWLEDGED_EVENTS_KEPT)
-    app.state.order_rate = OrderRateLimit(settings)
+    app.state.order_rate = OrderRateLimit(settings.order_rate_limits)
+    app.state.shop_order_rate = OrderRateLimit(settings.shop_order_rate_limits, "your account")
     app.state.streams = OrderStreams(settings)
     app.state.shop_db = ShopDatabase(settings)
     # No bot at all while the shop is off (real providers, no TELEGRAM_BOT_TOKEN).
@@ -99,7 +102,13 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
     app.state.reply_tasks = set()  # command answers still being sent (api/routes/telegram.py)
     install_error_handlers(app)
     app.add_middleware(
-        BodyLimit, default=MAX_BODY_BYTES, by_prefix={"/webhooks/": MAX_WEBHOOK_BODY_BYTES}
+        BodyLimit,
+        default=MAX_BODY_BYTES,
+        by_prefix={
+            "/webhooks/": MAX_WEBHOOK_BODY_BYTES,
+            "/api/suppliers/": MAX_GOODS_BODY_BYTES,
+            "/api/admin/products/": MAX_GOODS_BODY_BYTES,
+        },
     )
     for router in (
         video_orders.router,

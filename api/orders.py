@@ -96,18 +96,24 @@ def order_page_url(settings: Settings, order_id: str) -> str:
     return f"{settings.public_url.rstrip('/')}/orders/{order_id}"
 
 
-def keyed_order_id(settings: Settings, key: str) -> str:
-    """The order id an Idempotency-Key stands for: 128 bits of an HMAC with a server secret,
-    so concurrent retries meet on one workflow id, and nobody can compute an order's id (its
-    only credential) from a key without the secret."""
+def keyed_digest(settings: Settings, key: str, scope: str = "") -> bytes:
+    """What an Idempotency-Key stands for: an HMAC with a server secret, so concurrent
+    retries meet on one workflow id, and nobody can compute an order's id from a key without
+    the secret. `scope` keeps one client's keys apart from another's (a shop buyer's)."""
     if not _IDEMPOTENCY_KEY_RE.fullmatch(key):
         raise ApiError(
             400,
             "invalid_idempotency_key",
             "Idempotency-Key must be 1-255 visible ASCII characters, such as a UUID",
         )
-    digest = hmac.new(settings.idempotency_key_secret.encode(), key.encode(), hashlib.sha256)
-    return base64.urlsafe_b64encode(digest.digest()).decode()[:22]
+    secret = settings.idempotency_key_secret.encode()
+    return hmac.new(secret, (scope + key).encode(), hashlib.sha256).digest()
+
+
+def keyed_order_id(settings: Settings, key: str) -> str:
+    """A video order's id for an Idempotency-Key: 128 bits of keyed_digest (the order id is
+    the order page's only credential)."""
+    return base64.urlsafe_b64encode(keyed_digest(settings, key)).decode()[:22]
 
 
 def request_fingerprint(body: VideoOrderCreate, model: str) -> str:

@@ -1,4 +1,4 @@
-"""Order creation limited per client address (ORDER_RATE_LIMIT).
+"""Order creation limited per client address (ORDER_RATE_LIMIT) or per Telegram user.
 
 The address is the connection's peer as uvicorn reports it. Behind a reverse proxy, uvicorn
 itself replaces it with the forwarded one, and only for proxies listed in
@@ -19,7 +19,6 @@ from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from api.errors import ApiError
-from workers.settings import Settings
 
 
 def client_address(request: Request) -> str:
@@ -42,13 +41,18 @@ def client_group(host: str) -> str:
 
 
 class OrderRateLimit:
-    def __init__(self, settings: Settings) -> None:
-        self._items = settings.order_rate_limits
+    """Orders per client: per address for the video studio (ORDER_RATE_LIMIT), per Telegram
+    user for the shop (SHOP_ORDER_RATE_LIMIT, never per address: buyers share addresses
+    behind mobile NAT)."""
+
+    def __init__(self, items: list[RateLimitItem], who: str = "your address") -> None:
+        self._items = items
+        self._who = who
         self._limiter = MovingWindowRateLimiter(MemoryStorage())
         self.rejected_total = 0
 
     async def hit(self, address: str) -> None:
-        """Counts one order from the address, or raises 429 with an honest Retry-After."""
+        """Counts one order from the client, or raises 429 with an honest Retry-After."""
         # Tested first and counted after, so that a refused request uses up no window.
         waits = [await self._wait(item, address) for item in self._items]
         if not any(waits):
@@ -64,7 +68,7 @@ class OrderRateLimit:
         raise ApiError(
             429,
             "rate_limited",
-            f"Too many orders from your address: please try again in {retry_after} seconds.",
+            f"Too many orders from {self._who}: please try again in {retry_after} seconds.",
             headers={"Retry-After": str(retry_after)},
         )
 

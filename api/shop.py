@@ -31,12 +31,12 @@ from temporalio.common import (
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.shop_db import ShopDb, ShopError, open_shop_db
+from activities.shop_db import DB_OUTAGES, ShopDb, ShopError, open_shop_db
 from api.errors import ApiError
-from api.orders import QUERY_TIMEOUT, order_attributes, unavailable
+from api.orders import QUERY_TIMEOUT, keyed_digest, order_attributes, unavailable
 from workers.settings import Settings
 from workflows.purchase import (
     ORDER_KIND,
@@ -75,6 +75,8 @@ REFUSALS: dict[str, int] = {
     "idempotency_conflict": 409,
     "not_paid": 409,
     "payment_unavailable": 503,
+    # The database did not answer the workflow in time: nothing was placed; retry.
+    "order_failed": 503,
 }
 
 
@@ -97,7 +99,7 @@ class ShopDatabase:
             if self._db is None:
                 try:
                     self._db = await self._stack.enter_async_context(open_shop_db(self._settings))
-                except (OSError, ValueError, RuntimeError) as err:
+                except (*DB_OUTAGES, ValueError, RuntimeError) as err:
                     log.warning("shop database unreachable: %s", err)
                     raise ApiError(
                         503, "database_unavailable", "the shop is unavailable; retry shortly"
@@ -111,7 +113,7 @@ class ShopDatabase:
             return await db.rpc(function, params)
         except ShopError as err:
             raise refusal(err.code, err.detail) from err
-        except (OSError, TimeoutError) as err:
+        except DB_OUTAGES as err:
             log.warning("shop database call %s failed: %s", function, err)
             raise ApiError(
                 503, "database_unavailable", "the shop is unavailable; retry shortly"
@@ -149,7 +151,8 @@ def miniapp_user(settings: Settings, authorization: str | None) -> TelegramUser:
         raise ApiError(401, "unauthorized", "Authorization: tma <initData> is required")
     try:
         data = safe_parse_webapp_init_data(settings.telegram_token, init_data.strip())
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
+        # TypeError: hmac.compare_digest refuses a hash that is not ASCII.
         raise ApiError(401, "unauthorized", "initData is not signed by this bot") from err
     age = time.time() - data.auth_date.timestamp()
     if age > settings.miniapp_initdata_max_age or age < -INITDATA_FUTURE_SKEW_SECONDS:
@@ -187,8 +190,9 @@ def order_json(row: dict[str, Any], content: list[str] | None = None) -> dict[st
 class ShopOrderCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    product_id: int = Field(ge=1, le=2**62)
-    quantity: int = Field(default=1, ge=1)
+    # strict: `true` or "2" is not a number of anything.
+    product_id: int = Field(ge=1, le=2**62, strict=True)
+    quantity: int = Field(default=1, ge=1, strict=True)
     payment_method: Literal["stars", "stripe", "balance"]
 
 
@@ -211,7 +215,9 @@ def app_url(settings: Settings) -> str:
     return f"{settings.public_url.rstrip('/')}/app"
 
 
-def new_purchase(settings: Settings, user: TelegramUser, body: ShopOrderCreate) -> PurchaseInput:
+def new_purchase(
+    settings: Settings, user: TelegramUser, body: ShopOrderCreate, key: str | None = None
+) -> PurchaseInput:
     if body.quantity > settings.max_units_per_order:
         raise ApiError(
             422,
@@ -219,13 +225,23 @@ def new_purchase(settings: Settings, user: TelegramUser, body: ShopOrderCreate) 
             f"quantity: at most {settings.max_units_per_order} per order",
         )
     return purchase_terms(settings).order(
-        # 122 random bits: the order id is never a credential alone.
-        order_id=str(uuid.uuid4()),
+        order_id=shop_order_id(settings, user, key),
         telegram_id=user.id,
         product_id=body.product_id,
         quantity=body.quantity,
         payment_method=body.payment_method,
     )
+
+
+def shop_order_id(settings: Settings, user: TelegramUser, key: str | None) -> str:
+    """A new order's id: random (122 bits), or the one the buyer's Idempotency-Key stands
+    for, so that a retried request (a timeout, a double tap) is the same order. Keys are
+    the buyer's own: another user's same key is another order. The id is never a
+    credential alone (orders are read by their owner's initData)."""
+    if key is None:
+        return str(uuid.uuid4())
+    digest = keyed_digest(settings, key, scope=f"shop:{user.id}:")
+    return str(uuid.UUID(bytes=digest[:16], version=4))
 
 
 def purchase_terms(settings: Settings) -> PurchaseTerms:
@@ -265,10 +281,45 @@ async def place_order(client: Client, settings: Settings, order: PurchaseInput) 
         if isinstance(cause, ApplicationError):
             raise refusal(cause.type or "order_failed", cause.message) from err
         raise ApiError(502, "order_failed", "the order could not be placed") from err
+    except WorkflowAlreadyStartedError:
+        # A keyed order that has closed already (its id is never started again): the
+        # retry is answered with what became of it.
+        view = await read_view(client, order.order_id)
+        if view is None:
+            raise ApiError(503, "order_unavailable", "the shop is slow to answer; retry") from None
+        return answer_of(view)
     except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError) as err:
-        raise ApiError(503, "order_unavailable", "the shop is slow to answer; retry") from err
+        # The order may still be placed (and, unpaid, expire by itself): a retry with the
+        # same Idempotency-Key finds it.
+        raise ApiError(
+            503,
+            "order_unavailable",
+            "the shop is slow to answer; retry with the same Idempotency-Key",
+        ) from err
     except RPCError as err:
         raise unavailable(err) from err
+
+
+def answer_of(view: PurchaseView) -> PurchaseView:
+    """An existing order's view as the answer to its placing: its refusal, if it was one."""
+    if view.status == "failed" and view.error_code and view.payment_reference is None:
+        raise refusal(view.error_code, view.error or "the order could not be placed")
+    return view
+
+
+def same_request(view: PurchaseView, body: ShopOrderCreate) -> PurchaseView:
+    """An order an Idempotency-Key already stands for answers only the request it was."""
+    if (view.product_id, view.quantity, view.payment_method) != (
+        body.product_id,
+        body.quantity,
+        body.payment_method,
+    ):
+        raise ApiError(
+            409,
+            "idempotency_conflict",
+            "this Idempotency-Key was already used for a different order; use a new key",
+        )
+    return view
 
 
 def placed_json(view: PurchaseView) -> dict[str, Any]:

@@ -142,6 +142,9 @@ class Settings(BaseSettings):
     # addresses behind mobile NAT).
     max_unpaid_orders_per_user: int = Field(default=5, ge=1, le=100)
     max_units_per_order: int = Field(default=10, ge=1, le=1000)
+    # Orders one Telegram user may place through the Mini App's API, in the notation of
+    # ORDER_RATE_LIMIT (each assistant's offer is bounded by the unpaid-order limit alone).
+    shop_order_rate_limit: str = "20/minute"
     # Refunds credit the shop balance instead of going back the way the customer paid.
     refund_to_balance: bool = False
     # How long an expired instant order still takes a payment that raced its expiry.
@@ -218,7 +221,7 @@ class Settings(BaseSettings):
             return v or None
         return v
 
-    @field_validator("order_rate_limit")
+    @field_validator("order_rate_limit", "shop_order_rate_limit")
     @classmethod
     def _order_rate_limit(cls, v: str) -> str:
         try:
@@ -442,15 +445,7 @@ class Settings(BaseSettings):
 
     def _idempotency_problems(self) -> list[str]:
         secret = self.idempotency_secret
-        real = [
-            name
-            for name, value in (
-                ("STRIPE_API_KEY", self.stripe_api_key),
-                ("SUPERDUPERAI_TOKEN", self.superduperai_token),
-                ("TELEGRAM_BOT_TOKEN", self.telegram_bot_token),
-            )
-            if value is not None
-        ]
+        real = self._real_providers()
         if secret is None:
             if not real:
                 return []
@@ -492,9 +487,24 @@ class Settings(BaseSettings):
     @property
     def production(self) -> bool:
         """Some provider is real: no sandbox value may stand in for a secret any more."""
-        return not (
-            self.stripe_sandboxed and self.superduperai_sandboxed and self.telegram_sandboxed
-        )
+        return bool(self._real_providers())
+
+    def _real_providers(self) -> list[str]:
+        """The settings that name a real provider (a key, or a Supabase project that is not
+        the sandbox's): with any of them, sandbox values stop being good enough."""
+        real = [
+            name
+            for name, value in (
+                ("STRIPE_API_KEY", self.stripe_api_key),
+                ("SUPERDUPERAI_TOKEN", self.superduperai_token),
+                ("TELEGRAM_BOT_TOKEN", self.telegram_bot_token),
+                ("GEMINI_API_KEY", self.gemini_api_key),
+            )
+            if value is not None
+        ]
+        if self.supabase_url is not None and not self._is_sandbox(self.supabase_url):
+            real.append("SUPABASE_URL")
+        return real
 
     @property
     def telegram_sandboxed(self) -> bool:
@@ -615,6 +625,10 @@ class Settings(BaseSettings):
     @property
     def order_rate_limits(self) -> list[limits.RateLimitItem]:
         return limits.parse_many(self.order_rate_limit)
+
+    @property
+    def shop_order_rate_limits(self) -> list[limits.RateLimitItem]:
+        return limits.parse_many(self.shop_order_rate_limit)
 
     @property
     def default_video_model(self) -> str:

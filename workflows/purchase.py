@@ -769,10 +769,16 @@ class PurchaseWorkflow:
         refunds included (a signal-with-start reaches the run that is already going)."""
         while True:
             await workflow.wait_condition(workflow.all_handlers_finished)
-            pending = [p for p in self._returned if p.reference not in self._refunded_refs]
+            # A payment can also reach this run as stars_paid or stripe_event (the webhook
+            # signals whatever run is open under the order's id); each goes back once.
+            pending = {
+                p.reference: p
+                for p in (*self._returned, *self._payments)
+                if p.reference not in self._refunded_refs
+            }
             if not pending:
                 return
-            for payment in pending:
+            for payment in pending.values():
                 await self._refund(payment, "payment for a closed order", whole=False)
 
     def _extra(self, payment: Payment, handled: set[str]) -> bool:

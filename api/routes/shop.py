@@ -5,9 +5,9 @@ from __future__ import annotations
 import secrets
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from temporalio.client import WorkflowUpdateFailedError
+from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -19,6 +19,9 @@ from workflows.purchase import FulfilRequest, PurchaseWorkflow, workflow_id
 
 MAX_CONTENT_CHARS = 64_000
 MAX_STOCK_ITEMS = 1000
+# Ids are Postgres bigints: a larger number is a 422, never a database error.
+BIGINT = 2**63 - 1
+PathId = Annotated[int, Path(ge=1, le=BIGINT)]
 Status = Annotated[
     str | None,
     Query(
@@ -62,8 +65,25 @@ async def create_order(
     db: DbDep,
     settings: SettingsDep,
     temporal: TemporalClientDep,
+    request: Request,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header()] = None,
 ) -> dict[str, Any]:
-    order = shop.new_purchase(settings, user, body)
+    """201 with a new order; 200 with the order an Idempotency-Key of this buyer already
+    stands for (the same request again), 409 if that key was used for another request."""
+    order = shop.new_purchase(settings, user, body, idempotency_key)
+    if idempotency_key is not None:
+        existing = await shop.read_view(temporal, order.order_id)
+        if existing is not None:
+            shop.same_request(existing, body)
+            if existing.status != "placing":
+                response.status_code = 200
+                return shop.placed_json(shop.answer_of(existing))
+            # Still being placed: the retry waits for the same placing below.
+            view = await shop.place_order(temporal, settings, order)
+            return shop.placed_json(shop.same_request(view, body))
+    # Per Telegram user (the identity initData proves), before anything else is spent.
+    await request.app.state.shop_order_rate.hit(f"tg:{user.id}")
     # Refusals that need no workflow are answered before one starts: a product that does
     # not exist or is off sale, or stock that is plainly short. The SQL function checks
     # all of it again, under locks, inside the workflow.
@@ -88,7 +108,7 @@ async def create_order(
                 f"{overview['balance']}",
             )
     view = await shop.place_order(temporal, settings, order)
-    return shop.placed_json(view)
+    return shop.placed_json(shop.same_request(view, body))
 
 
 @miniapp.get("/orders/{order_id}")
@@ -199,6 +219,12 @@ async def fulfil(
             "NotAwaitingSupplier": "wrong_state",
         }.get(kind or "", "fulfilment_failed")
         raise ApiError(409 if code != "fulfilment_failed" else 503, code, detail) from err
+    except WorkflowUpdateRPCTimeoutOrCancelledError as err:
+        # No worker answered in time; the update may still be taken later, and a retry
+        # learns which (409 already_fulfilled once it was).
+        raise ApiError(
+            503, "order_unavailable", "the order cannot take the goods right now; retry"
+        ) from err
     except RPCError as err:
         if err.status == RPCStatusCode.NOT_FOUND:
             raise ApiError(409, "wrong_state", "the order has closed") from err
@@ -217,10 +243,10 @@ class ProductBody(BaseModel):
 
     name: str = Field(min_length=1, max_length=200)
     description: str = Field(default="", max_length=4000)
-    price: int = Field(ge=1, le=99_999_999)
+    price: int = Field(ge=1, le=99_999_999, strict=True)
     made_to_order: bool = False
     fulfillment_time_hours: float = Field(default=48, gt=0, le=24 * 90)
-    supplier_id: int | None = Field(default=None, ge=1)
+    supplier_id: int | None = Field(default=None, ge=1, le=BIGINT, strict=True)
 
 
 @admin.post("/products", status_code=201)
@@ -251,7 +277,7 @@ class StockBody(BaseModel):
 
 
 @admin.post("/products/{product_id}/stock")
-async def add_stock(product_id: int, body: StockBody, _: AdminDep, db: DbDep) -> dict[str, Any]:
+async def add_stock(product_id: PathId, body: StockBody, _: AdminDep, db: DbDep) -> dict[str, Any]:
     return await db.call(
         "admin_add_stock",
         {
@@ -266,7 +292,8 @@ class SupplierBody(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     name: str = Field(min_length=1, max_length=200)
-    telegram_chat_id: int
+    # Chats of groups and channels are negative.
+    telegram_chat_id: int = Field(ge=-BIGINT, le=BIGINT, strict=True)
 
 
 @admin.post("/suppliers", status_code=201)
@@ -287,7 +314,7 @@ async def create_supplier(body: SupplierBody, _: AdminDep, db: DbDep) -> dict[st
 class BalanceBody(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    amount: int = Field(ge=-99_999_999, le=99_999_999)
+    amount: int = Field(ge=-99_999_999, le=99_999_999, strict=True)
     reason: str = Field(min_length=1, max_length=500)
     idempotency_key: str = Field(min_length=1, max_length=200)
 
@@ -301,7 +328,7 @@ class BalanceBody(BaseModel):
 
 @admin.post("/users/{telegram_id}/balance")
 async def adjust_balance(
-    telegram_id: int, body: BalanceBody, _: AdminDep, db: DbDep
+    telegram_id: PathId, body: BalanceBody, _: AdminDep, db: DbDep
 ) -> dict[str, Any]:
     result = await db.call(
         "add_to_user_balance",

@@ -18,7 +18,11 @@ from aiogram.exceptions import TelegramAPIError, TelegramRetryAfter
 from aiogram.types import CallbackQuery, Message, PreCheckoutQuery, Update
 from fastapi import APIRouter, Header, Request
 from pydantic import ValidationError
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -50,6 +54,9 @@ ALLOWED_UPDATES = ["message", "callback_query", "pre_checkout_query"]
 # Commands the webhook answers itself; other text goes to the assistant (when it is on).
 COMMANDS = frozenset({"/start", "/orders", "/balance", "/help"})
 REPLY_ATTEMPTS = 4
+# Of Telegram's 10 s for answering a pre-checkout query: what asking the order may take.
+PRECHECKOUT_BUDGET_SECONDS = 6.0
+BUSY = "The shop cannot take payments right now; try again in a minute."
 REPLY_MAX_WAIT_SECONDS = 30
 HELP = (
     "This shop sells digital goods. /start opens the catalog, /orders lists your orders, "
@@ -96,10 +103,26 @@ async def _temporal(state: Any) -> Client:
 
 
 async def _pre_checkout(state: Any, query: PreCheckoutQuery) -> None:
-    """ok only while the order waits for exactly this payment (its update's validator)."""
+    """ok only while the order waits for exactly this payment (its update's validator).
+
+    Telegram drops a query unanswered after 10 s, so asking the workflow (connecting to
+    Temporal included) gets PRECHECKOUT_BUDGET_SECONDS; a workflow that cannot answer by
+    then (no worker, Temporal slow) is a refusal the customer can retry, never silence.
+    """
     bot: Bot = state.bot
+    try:
+        error = await asyncio.wait_for(_ask_order(state, query), PRECHECKOUT_BUDGET_SECONDS)
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+        error = BUSY
+    if error is None:
+        await _quietly(bot.answer_pre_checkout_query(query.id, ok=True))
+    else:
+        await _quietly(bot.answer_pre_checkout_query(query.id, ok=False, error_message=error))
+
+
+async def _ask_order(state: Any, query: PreCheckoutQuery) -> str | None:
+    """None if the order approves this checkout, else the words for the customer."""
     order_id = query.invoice_payload
-    error = None
     try:
         shop.check_order_id(order_id)
         handle = (await _temporal(state)).get_workflow_handle_for(
@@ -112,19 +135,12 @@ async def _pre_checkout(state: Any, query: PreCheckoutQuery) -> None:
         )
     except WorkflowUpdateFailedError as err:
         cause = err.cause
-        error = cause.message if isinstance(cause, ApplicationError) else "Order unavailable."
+        return cause.message if isinstance(cause, ApplicationError) else "Order unavailable."
     except RPCError as err:
-        error = (
-            "This order has expired."
-            if err.status == RPCStatusCode.NOT_FOUND
-            else "The shop cannot take payments right now; try again in a minute."
-        )
+        return "This order has expired." if err.status == RPCStatusCode.NOT_FOUND else BUSY
     except ApiError as err:
-        error = "This order does not exist." if err.status == 404 else err.detail
-    if error is None:
-        await _quietly(bot.answer_pre_checkout_query(query.id, ok=True))
-    else:
-        await _quietly(bot.answer_pre_checkout_query(query.id, ok=False, error_message=error))
+        return "This order does not exist." if err.status == 404 else BUSY
+    return None
 
 
 async def _stars_paid(state: Any, message: Message) -> None:
@@ -258,8 +274,12 @@ async def _pay(state: Any, query: CallbackQuery) -> None:
         text = cause.message if isinstance(cause, ApplicationError) else words["expired"]
         await _quietly(bot.answer_callback_query(query.id, text=text[:200], show_alert=True))
         return
-    except ApiError:
-        await _quietly(bot.answer_callback_query(query.id, text=words["expired"]))
+    except ApiError as err:
+        text = words["expired"] if err.status == 404 else words["busy"]
+        await _quietly(bot.answer_callback_query(query.id, text=text))
+        return
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+        await _quietly(bot.answer_callback_query(query.id, text=words["busy"], show_alert=True))
         return
     except RPCError as err:
         text = words["expired"] if err.status == RPCStatusCode.NOT_FOUND else words["busy"]

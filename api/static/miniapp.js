@@ -21,6 +21,7 @@
   var $ = function (id) { return document.getElementById(id); };
   var products = [];
   var current = null; // the product in the buy sheet
+  var pending = null; // {what, key}: the order request not yet answered
   var polling = null;
 
   function money(amount, currency) {
@@ -33,10 +34,10 @@
     el.hidden = !text;
   }
 
-  function api(method, path, body) {
+  function api(method, path, body, headers) {
     var init = {
       method: method,
-      headers: { Authorization: "tma " + (tg ? tg.initData : "") },
+      headers: Object.assign({ Authorization: "tma " + (tg ? tg.initData : "") }, headers),
     };
     if (body) {
       init.headers["Content-Type"] = "application/json";
@@ -47,6 +48,7 @@
         if (!resp.ok) {
           var err = new Error(data.detail || "Something went wrong; try again.");
           err.code = data.error;
+          err.status = resp.status;
           throw err;
         }
         return data;
@@ -141,18 +143,36 @@
     show("buy");
   }
 
+  function newKey() {
+    if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+    var bytes = new Uint8Array(16);
+    crypto.getRandomValues(bytes);
+    return Array.prototype.map.call(bytes, function (b) {
+      return ("0" + b.toString(16)).slice(-2);
+    }).join("");
+  }
+
   function buy() {
     var method = document.querySelector("input[name=method]:checked").value;
     var quantity = parseInt($("buy-qty").value, 10) || 1;
+    var request = { product_id: current.id, quantity: quantity, payment_method: method };
+    var what = JSON.stringify(request);
+    // The same request again (after a timeout or a lost answer) carries the same key, so
+    // the shop answers with the order it already placed instead of placing a second one.
+    if (!pending || pending.what !== what) pending = { what: what, key: newKey() };
     var go = $("buy-go");
     go.disabled = true; // a double tap is one order
-    api("POST", "/api/shop/orders",
-        { product_id: current.id, quantity: quantity, payment_method: method })
+    api("POST", "/api/shop/orders", request, { "Idempotency-Key": pending.key })
       .then(function (order) {
+        pending = null;
         openOrder(order.order_id, order);
         pay(order);
       })
-      .catch(function (err) { notice(err.message); })
+      .catch(function (err) {
+        // A refusal is final for that key; a failure to answer may be retried with it.
+        if (err.status && err.status < 500 && err.code !== "rate_limited") pending = null;
+        notice(err.message);
+      })
       .then(function () { go.disabled = false; });
   }
 
