@@ -79,6 +79,9 @@ class Reservation:
     product_id: int
     quantity: int
     ttl_seconds: int
+    # What the order costs: units that would cost another amount are not taken. None (runs
+    # that began before this check) takes whatever units are free.
+    amount: int | None = None
 
 
 @dataclass
@@ -148,7 +151,10 @@ class ShopActivities:
 
     @activity.defn
     async def reserve_again(self, req: Reservation) -> str:
-        """A late payment's second chance: the reservation's new end, or out_of_stock."""
+        """Units again for an order whose reservation lapsed or is about to (a late payment,
+        an approved checkout): the reservation's new end, or out_of_stock, or price_changed
+        when the units now free cost another amount than the order (the payment was for
+        that amount). Retried, it finds the units it holds and decides the same."""
         result = await self._call(
             "reserve_product_for_purchase",
             {
@@ -158,6 +164,13 @@ class ShopActivities:
                 "p_ttl_seconds": req.ttl_seconds,
             },
         )
+        if req.amount is not None and int(result["amount"]) != req.amount:
+            await self._call("release_reservation", {"p_order_id": req.order_id})
+            raise ApplicationError(
+                f"the units free now cost {result['amount']}, the order {req.amount}",
+                type="price_changed",
+                non_retryable=True,
+            )
         return str(result["reserved_until"])
 
     @activity.defn

@@ -122,9 +122,15 @@ class Shop:
         self, user_id: int, order_id: str, *statuses: str, timeout: float = 30
     ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
+        seen = False
         while True:
             resp = await self.get(user_id, order_id)
+            if resp.status_code == 404 and not seen and time.monotonic() < deadline:
+                # A workflow started a moment ago may not have written its order row yet.
+                await asyncio.sleep(0.1)
+                continue
             assert resp.status_code == 200, resp.text
+            seen = True
             order = resp.json()
             if order["status"] in statuses:
                 return order

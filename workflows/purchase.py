@@ -88,6 +88,10 @@ DB_TIMEOUT = timedelta(seconds=30)
 # and an order that cannot say so fails (a payment arriving later then starts a run that
 # refunds it).
 DB_PATIENCE = timedelta(hours=6)
+FULFIL_PATIENCE = timedelta(minutes=1)
+
+# Runs that began before these rules replay without them (workflow.patched).
+EXTEND_ON_APPROVAL = "extend-reservation-on-approval"
 
 # What the customer reads, by stable code.
 CUSTOMER_WORDS = {
@@ -102,6 +106,8 @@ CUSTOMER_WORDS = {
     "expired": "The order expired before it was paid. Nothing was charged.",
     "sold_out_late": "Your payment arrived after the reservation ended and the item had sold "
     "out, so it was refunded.",
+    "price_changed_late": "Your payment arrived after the reservation ended and the item's "
+    "price had changed since, so it was refunded.",
     "supplier_late": "The supplier did not deliver in time, so your payment was refunded.",
     "refund_pending": "A refund we owe you could not be sent yet. Our team has been alerted.",
     "order_failed": "The order could not be completed.",
@@ -277,6 +283,16 @@ class PurchaseWorkflow:
         self._deadline_passed = False
         self._done = False
         self._returned: list[Payment] = []  # payments a refund-only run gives back
+        self._window_closed = False  # the wait for an on-time payment is over
+        if order.refund_only and order.previous_view is not None:
+            # What the closed run took or gave back is never given back again here: a
+            # redelivered payment reaches whatever run is open under the order's id.
+            earlier = order.previous_view
+            taken = {r.reference for r in earlier.refunds}
+            if earlier.payment_reference:
+                taken.add(earlier.payment_reference)
+            self._seen |= taken
+            self._refunded_refs |= taken
         self._indexed = workflow.info().typed_search_attributes.get(sa.ORDER_KIND) is not None
 
     # --- messages -------------------------------------------------------------------
@@ -293,14 +309,55 @@ class PurchaseWorkflow:
 
     @workflow.update
     async def approve_stars_checkout(self, query: PreCheckout) -> str:
-        """Telegram asks whether to take this Stars payment (answered inside its 10 s)."""
-        self._approved_at = workflow.now()
+        """Telegram asks whether to take this Stars payment (answered inside its 10 s).
+
+        The payment may come a little after the reservation's end, so the units stay held
+        for the grace too: in the database, not only in this workflow's deadline, else
+        another buyer could take them meanwhile."""
+        now = self._approved_at = workflow.now()
+        view = self._view
+        grace = timedelta(seconds=self._in.precheckout_grace_seconds)
+        until = datetime.fromisoformat(view.reserved_until) if view.reserved_until else None
+        if (
+            view.order_type == "instant"
+            and grace.total_seconds() >= 1
+            and until is not None
+            and until < now + grace
+            and workflow.patched(EXTEND_ON_APPROVAL)
+        ):
+            try:
+                view.reserved_until = await workflow.execute_activity_method(
+                    ShopActivities.reserve_again,
+                    Reservation(
+                        view.order_id,
+                        view.product_id,
+                        view.quantity,
+                        self._in.precheckout_grace_seconds,
+                        view.amount,
+                    ),
+                    start_to_close_timeout=timedelta(seconds=3),
+                    schedule_to_close_timeout=timedelta(seconds=4),
+                    retry_policy=SERVICE_RETRY,
+                )
+            except ActivityError as err:
+                self._approved_at = None
+                self._problem(f"holding the units for an approved checkout: {_cause(err)}")
+                if _code(err, "") == "price_changed":
+                    raise ApplicationError(
+                        "The price of this item has just changed; please order it again.",
+                        type="price_changed",
+                    ) from err
+                raise ApplicationError(
+                    "Sorry, this item has just sold out. Nothing was charged.",
+                    type="out_of_stock",
+                ) from err
+            self._touch()
         return "ok"
 
     @approve_stars_checkout.validator
     def _check_stars_checkout(self, query: PreCheckout) -> None:
         view = self._view
-        if view.status != "awaiting_payment" or self._used is not None:
+        if view.status != "awaiting_payment" or self._used is not None or self._closing():
             raise ApplicationError(
                 "This order is no longer waiting for a payment.", type="NotAwaitingPayment"
             )
@@ -352,6 +409,7 @@ class PurchaseWorkflow:
             or view.status != "awaiting_payment"
             or self._used is not None
             or self._usable() is not None
+            or self._closing()
         ):
             raise ApplicationError(
                 "This order is no longer waiting for a payment.", type="NotAwaitingPayment"
@@ -406,6 +464,9 @@ class PurchaseWorkflow:
             await self._db(
                 ShopActivities.fulfill_prepaid_order,
                 Fulfilment(self._in.order_id, req.submission_id),
+                # The supplier waits for the answer; a database that does not answer soon
+                # is a "try again", never a fulfilment held open for hours.
+                patience=FULFIL_PATIENCE,
             )
             self._fulfilled = True
         except ActivityError as err:
@@ -422,7 +483,11 @@ class PurchaseWorkflow:
         if self._fulfilled or self._view.status == "delivered":
             raise ApplicationError("This order is already fulfilled.", type="AlreadyFulfilled")
         if self._fulfilling:
-            raise ApplicationError("A fulfilment is being stored.", type="AlreadyFulfilled")
+            # Not "already fulfilled": the one being stored may still fail.
+            raise ApplicationError(
+                "A fulfilment is being stored; try again in a moment.",
+                type="FulfilmentInProgress",
+            )
         deadline = self._view.fulfillment_deadline
         if self._view.status != "awaiting_supplier" or deadline is None:
             raise ApplicationError(
@@ -452,13 +517,25 @@ class PurchaseWorkflow:
             await self._notify_placed()
             if placed:
                 await self._sell()
+        except ActivityError as err:
+            # A step that could not be done for hours (the database away): the order stops
+            # here for an operator, and every payment it did not use still goes back.
+            self._problem(f"the order stopped: {_cause(err)}")
+            await self._set_status(NEEDS_ATTENTION, "order_failed", _cause(err))
         finally:
             self._done = True
         await extras
-        await workflow.wait_condition(workflow.all_handlers_finished)
-        # Payments that came in after the last wait for one are refunded, never dropped.
-        for payment in self._unused_payments():
-            await self._refund(payment, "payment after the order ended", whole=False)
+        # Payments that came in after the last wait for one are refunded, never dropped,
+        # those arriving while these refunds run included.
+        while True:
+            await workflow.wait_condition(workflow.all_handlers_finished)
+            unused = self._unused_payments()
+            if not unused:
+                break
+            for payment in unused:
+                await self._refund(payment, "payment after the order ended", whole=False)
+        if any(r.status == "failed" for r in self._view.refunds):
+            await self._attention_for_refunds()
         return self._view
 
     async def _place(self) -> bool:
@@ -497,7 +574,8 @@ class PurchaseWorkflow:
             code = _code(err, "payment_unavailable")
             if code != "insufficient_balance":
                 code = "payment_unavailable"
-            await self._db(ShopActivities.release_reservation, o.order_id)
+            with contextlib.suppress(ActivityError):  # a lapsed reservation frees itself
+                await self._db(ShopActivities.release_reservation, o.order_id)
             await self._set_status("failed", code, _cause(err))
             self._refuse(code, _cause(err))
             return False
@@ -566,9 +644,11 @@ class PurchaseWorkflow:
             payment = await self._await_late_payment()
             if payment is None:
                 return
-            if self._view.order_type == "instant" and not await self._reserve_again():
-                await self._refund(payment, "sold_out_late", whole=True)
-                return
+            if self._view.order_type == "instant":
+                refused = await self._reserve_again()
+                if refused is not None:
+                    await self._refund(payment, refused, whole=True)
+                    return
         self._used = payment
         self._view.payment_reference = payment.reference
         if self._view.order_type == "instant":
@@ -594,6 +674,7 @@ class PurchaseWorkflow:
                 )
             if self._usable() is not None or self._stripe_expired:
                 break
+        self._window_closed = True
         if self._usable() is None and self._view.checkout_session_id is not None:
             await self._settle_stripe()
         return self._usable()
@@ -632,8 +713,15 @@ class PurchaseWorkflow:
                 )
 
     async def _expire(self) -> None:
-        order = await self._db(ShopActivities.expire_order, self._in.order_id)
-        self._take(order)
+        try:
+            order = await self._db(ShopActivities.expire_order, self._in.order_id)
+        except ActivityError as err:
+            # The units' reservation has lapsed, so they are on sale again whatever the row
+            # says; a late payment is still heard (and used or refunded).
+            self._problem(f"expiring the order: {_cause(err)}")
+            self._view.status = "expired"
+        else:
+            self._take(order)
         self._view.error_code, self._view.error = "expired", CUSTOMER_WORDS["expired"]
         self._index_status()
 
@@ -647,20 +735,26 @@ class PurchaseWorkflow:
             )
         return self._usable()
 
-    async def _reserve_again(self) -> bool:
+    async def _reserve_again(self) -> str | None:
+        """Units again for a payment that outlived its reservation, at the price it paid:
+        None when held, else why not (the code of the customer's words)."""
         view = self._view
         try:
             until = await self._db(
                 ShopActivities.reserve_again,
                 Reservation(
-                    view.order_id, view.product_id, view.quantity, self._in.reservation_ttl_seconds
+                    view.order_id,
+                    view.product_id,
+                    view.quantity,
+                    self._in.reservation_ttl_seconds,
+                    view.amount,
                 ),
             )
         except ActivityError as err:
             self._problem(f"reserving again for a late payment: {_cause(err)}")
-            return False
+            return "price_changed_late" if _code(err, "") == "price_changed" else "sold_out_late"
         view.reserved_until = until
-        return True
+        return None
 
     async def _complete(self, payment: Payment) -> None:
         record = PaymentRecord(self._in.order_id, payment.method, payment.reference)
@@ -668,7 +762,7 @@ class PurchaseWorkflow:
             try:
                 order = await self._db(ShopActivities.complete_purchase, record)
             except ActivityError as err:
-                if _code(err, "") != "reservation_lost" or not await self._reserve_again():
+                if _code(err, "") != "reservation_lost" or await self._reserve_again():
                     raise
                 # The units went to another order after the reservation lapsed; others
                 # were free, so the purchase goes ahead with them.
@@ -719,7 +813,12 @@ class PurchaseWorkflow:
         self._deadline_passed = True
         await workflow.wait_condition(lambda: not self._fulfilling)
         if self._fulfilled:
-            order = await self._db(ShopActivities.get_shop_order, self._in.order_id)
+            try:
+                order = await self._db(ShopActivities.get_shop_order, self._in.order_id)
+            except ActivityError as err:  # the row says delivered; only our view is behind
+                self._problem(f"reading the fulfilled order: {_cause(err)}")
+                self._view.status = "delivered"
+                order = None
             if order is not None:
                 self._take(order)
             self._index_status()
@@ -864,7 +963,10 @@ class PurchaseWorkflow:
         except ActivityError as err:
             refund.status, refund.detail = "failed", _cause(err)
             self._problem(f"refund of {payment.method} {payment.reference}: {refund.detail}")
-            await self._set_status(NEEDS_ATTENTION, "refund_pending", refund.detail)
+            if whole:
+                await self._set_status(NEEDS_ATTENTION, "refund_pending", refund.detail)
+            # A second payment's refund that failed leaves the order itself alone (a prepaid
+            # order still waits for its supplier); the run ends needing an operator.
             return False
         refund.status = "succeeded"
         if whole:
@@ -905,6 +1007,26 @@ class PurchaseWorkflow:
                 start_to_close_timeout=timedelta(seconds=60),
                 **policy,
             )
+
+    async def _attention_for_refunds(self) -> None:
+        """Some refund failed for its whole retry period: operators must see the order. The
+        row moves to needs_attention unless its goods were delivered (the buyer keeps them
+        in the Mini App); the workflow's status and search attribute show it either way."""
+        if self._view.status == NEEDS_ATTENTION:
+            return
+        if self._view.status == "delivered":
+            self._problem("a refund is still owed on this delivered order")
+            self._view.error_code = "refund_pending"
+            self._view.error = CUSTOMER_WORDS["refund_pending"]
+            self._index(sa.ORDER_STATUS.value_set(NEEDS_ATTENTION))
+            self._touch()
+            return
+        await self._set_status(NEEDS_ATTENTION, "refund_pending", "a refund is still owed")
+
+    def _closing(self) -> bool:
+        """The wait for an on-time payment is over, or is about to be (its deadline passed
+        but the workflow has not woken yet): nothing new may start paying."""
+        return self._window_closed or workflow.now() >= self._payment_deadline()
 
     # --- helpers ----------------------------------------------------------------------
 

@@ -213,12 +213,14 @@ async def fulfil(
         cause = err.cause
         kind = cause.type if isinstance(cause, ApplicationError) else None
         detail = cause.message if isinstance(cause, ApplicationError) else str(err)
-        code = {
-            "DeadlinePassed": "deadline_passed",
-            "AlreadyFulfilled": "already_fulfilled",
-            "NotAwaitingSupplier": "wrong_state",
-        }.get(kind or "", "fulfilment_failed")
-        raise ApiError(409 if code != "fulfilment_failed" else 503, code, detail) from err
+        status, code = {
+            "DeadlinePassed": (409, "deadline_passed"),
+            "AlreadyFulfilled": (409, "already_fulfilled"),
+            "NotAwaitingSupplier": (409, "wrong_state"),
+            # An earlier request's goods are being stored: retry to learn how that ended.
+            "FulfilmentInProgress": (503, "fulfilment_in_progress"),
+        }.get(kind or "", (503, "fulfilment_failed"))
+        raise ApiError(status, code, detail) from err
     except WorkflowUpdateRPCTimeoutOrCancelledError as err:
         # No worker answered in time; the update may still be taken later, and a retry
         # learns which (409 already_fulfilled once it was).
