@@ -24,11 +24,11 @@ import re
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from google.genai import errors as genai_errors
 from google.genai import types
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -52,6 +52,14 @@ MAX_ORDERS_SHOWN = 10
 # A cache is renewed when less than this share of its TTL is left.
 RENEW_SHARE = 0.2
 CACHE_PREFIX = "orderflow-assistant-"
+MAX_ANSWER_IDS = 10
+# After the cache API failed, calls carry the prefix themselves for this long.
+CACHE_BACKOFF_SECONDS = 60.0
+# An empty or malformed answer is asked for again this many times, then the customer gets
+# the plain answer.
+EMPTY_ANSWER_ATTEMPTS = 2
+# Gemini stopped for safety or a similar policy: asking again gives the same answer.
+BLOCKED = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"}
 
 
 # --- what the workflow and the model exchange -------------------------------------------
@@ -121,6 +129,17 @@ class ToolRequest:
 # --- the tools' arguments: what the model may ask for, checked before anything runs -------
 
 
+def _not_bool(value: Any) -> Any:
+    # JSON's true is not the number 1 (pydantic's lax ints would take it); Gemini sends
+    # integers as numbers such as 2.0, which stay accepted.
+    if isinstance(value, bool):
+        raise ValueError("a number is required, not true or false")
+    return value
+
+
+Number = Annotated[int, BeforeValidator(_not_bool)]
+
+
 class _Args(BaseModel):
     # An argument the tool does not have (a price, a discount, another customer) is refused.
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
@@ -131,8 +150,8 @@ class SearchArgs(_Args):
 
 
 class AvailabilityArgs(_Args):
-    product_id: int = Field(ge=1, le=2**53)
-    quantity: int = Field(default=1, ge=1, le=1000)
+    product_id: Number = Field(ge=1, le=2**53)
+    quantity: Number = Field(default=1, ge=1, le=1000)
 
 
 class NoArgs(_Args):
@@ -140,8 +159,8 @@ class NoArgs(_Args):
 
 
 class OfferArgs(_Args):
-    product_id: int = Field(ge=1, le=2**53)
-    quantity: int = Field(default=1, ge=1, le=1000)
+    product_id: Number = Field(ge=1, le=2**53)
+    quantity: Number = Field(default=1, ge=1, le=1000)
     payment_method: Literal["stars", "stripe", "balance", "any"] = "any"
 
 
@@ -169,14 +188,49 @@ def check_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{name} refused its arguments ({problems}).") from err
 
 
+def _text(limit: int) -> Any:
+    return BeforeValidator(lambda v: v[:limit] if isinstance(v, str) else v)
+
+
+def _action(value: Any) -> Any:
+    return value if value in ACTIONS else "none"
+
+
+def _whole(value: Any) -> int | None:
+    """A JSON number that is a whole number (Gemini writes 2 or 2.0), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not (value.is_integer() and abs(value) <= 2**53):
+        return None
+    return int(value)
+
+
+def _ids(value: Any) -> Any:
+    if not isinstance(value, list):
+        return []
+    ids = [n for n in map(_whole, value) if n is not None and 1 <= n <= 2**53]
+    return ids[:MAX_ANSWER_IDS]
+
+
+def _quantity(value: Any) -> Any:
+    n = _whole(value)
+    return 1 if n is None else min(max(n, 0), 1000)
+
+
 class _FinalAnswer(BaseModel):
+    """The model's JSON answer, read leniently: a wrong action, id or quantity falls back to
+    a harmless value, so a slip never turns the customer's reply into raw JSON."""
+
     model_config = ConfigDict(extra="ignore")
 
-    thought: str = ""
-    reply_text: str = Field(min_length=1, max_length=4000)
-    action: Literal["none", "show_products", "offer_payment", "order_status", "handoff"] = "none"
-    product_ids: list[int] = Field(default_factory=list, max_length=10)
-    quantity: int = Field(default=1, ge=0, le=1000)
+    thought: Annotated[str, _text(2000)] = ""
+    reply_text: Annotated[str, _text(4000)]
+    action: Annotated[
+        Literal["none", "show_products", "offer_payment", "order_status", "handoff"],
+        BeforeValidator(_action),
+    ] = "none"
+    product_ids: Annotated[list[int], BeforeValidator(_ids)] = Field(default_factory=list)
+    quantity: Annotated[int, BeforeValidator(_quantity)] = 1
 
 
 ANSWER_SCHEMA: dict[str, Any] = {
@@ -245,6 +299,9 @@ TOOL_DECLARATIONS = [
     ),
 ]
 TOOLS = [types.Tool(function_declarations=TOOL_DECLARATIONS)]
+_TOOLS_JSON = json.dumps(
+    [d.model_dump(mode="json", exclude_none=True) for d in TOOL_DECLARATIONS], sort_keys=True
+)
 
 SYSTEM_PROMPT = """\
 You are the sales assistant of a Telegram shop that sells digital goods. Answer in the \
@@ -300,18 +357,20 @@ class ContextCache:
         self._clock = clock
         self._entry: _Cached | None = None
         self._lock = asyncio.Lock()
+        # A prefix Gemini found too small for a cache, and when to try the cache API again.
+        self._too_small: str | None = None
+        self._quiet_until = 0.0
         self.created = 0
         self.renewed = 0
 
     @staticmethod
     def estimate_tokens(system: str) -> int:
-        tools = json.dumps([d.model_dump(exclude_none=True) for d in TOOL_DECLARATIONS])
-        return (len(system) + len(tools)) // 4
+        return (len(system) + len(_TOOLS_JSON)) // 4
 
     async def name_for(self, system: str) -> str | None:
         """The cache to call with, or None when the prefix is below the model's minimum."""
         key = hashlib.sha256(
-            (self._model + "\n" + system + "\n" + json.dumps(ANSWER_SCHEMA)).encode()
+            "\n".join((self._model, system, json.dumps(ANSWER_SCHEMA), _TOOLS_JSON)).encode()
         ).hexdigest()[:24]
         async with self._lock:
             now = self._clock()
@@ -322,11 +381,20 @@ class ContextCache:
                     return entry.name
                 if left > 1 and await self._extend(entry, now):
                     return entry.name
-            if self.estimate_tokens(system) < self._min_tokens:
+            if self.estimate_tokens(system) < self._min_tokens or key == self._too_small:
                 self._entry = None
                 return None
-            fresh = await self._find(key, now) or await self._create(key, system, now)
+            if now < self._quiet_until:
+                return None
+            try:
+                fresh = await self._find(key, now) or await self._create(key, system, now)
+            except genai_errors.APIError as err:
+                # The cache API is failing: the calls carry the prefix for a while.
+                log.warning("creating a cache failed (%s); calls carry the prefix", err)
+                self._entry, self._quiet_until = None, now + CACHE_BACKOFF_SECONDS
+                return None
             if fresh is None:
+                self._entry, self._too_small = None, key
                 return None
             if entry is not None and entry.name != fresh.name:
                 await self._delete(entry.name)
@@ -430,16 +498,6 @@ class AssistantActivities:
     async def _think(self, req: ThinkRequest) -> ModelTurn:
         system = SYSTEM_PROMPT + "\n" + await self._catalog_digest()
         cache_name = await self._cache.name_for(system)
-        config = types.GenerateContentConfig(
-            response_mime_type="application/json",
-            response_json_schema=ANSWER_SCHEMA,
-            temperature=0.2,
-        )
-        if cache_name is not None:
-            config.cached_content = cache_name
-        else:
-            config.system_instruction = system
-            config.tools = TOOLS
         contents = to_contents(req.steps)
         if req.final:
             contents.append(
@@ -450,20 +508,49 @@ class AssistantActivities:
             )
         started = time.monotonic()
         try:
-            response = await self._client.aio.models.generate_content(
-                model=self._model, contents=contents, config=config
-            )
-        except genai_errors.APIError as err:
-            if cache_name is not None and err.code in (403, 404):
+            try:
+                response = await self._generate(contents, system, cache_name)
+            except genai_errors.APIError as err:
+                if cache_name is None or err.code not in (403, 404):
+                    raise
+                # The cache is gone (expired early, or replaced by another worker): this
+                # call carries the prefix itself, and the next one makes a new cache.
+                log.info("cache %s is gone (%s): calling without it", cache_name, err.code)
                 self._cache.forget(cache_name)
+                cache_name = None
+                response = await self._generate(contents, system, None)
+        except genai_errors.APIError as err:
             raise as_activity_error(err) from err
         model_ms = int((time.monotonic() - started) * 1000)
-        turn = parse_response(response)
+        try:
+            turn = parse_response(response)
+        except ApplicationError as err:
+            if err.type != "EmptyAnswer" or activity.info().attempt < EMPTY_ANSWER_ATTEMPTS:
+                raise
+            activity.logger.warning("chat %s: %s; answering plainly", req.chat_id, err)
+            turn = ModelTurn(calls=[], answer=Answer(reply_text="", thought=str(err)))
         turn.cache_name, turn.model_ms = cache_name, model_ms
         if turn.answer is not None and turn.answer.thought:
             activity.logger.info("chat %s thought: %s", req.chat_id, turn.answer.thought)
         await self._record(req, turn)
         return turn
+
+    async def _generate(
+        self, contents: list[types.Content], system: str, cache_name: str | None
+    ) -> types.GenerateContentResponse:
+        config = types.GenerateContentConfig(
+            response_mime_type="application/json",
+            response_json_schema=ANSWER_SCHEMA,
+            temperature=0.2,
+        )
+        if cache_name is not None:
+            config.cached_content = cache_name
+        else:
+            config.system_instruction = system
+            config.tools = TOOLS
+        return await self._client.aio.models.generate_content(
+            model=self._model, contents=contents, config=config
+        )
 
     async def _typing(self, chat_id: int) -> None:
         if self._bot is None:
@@ -631,28 +718,85 @@ def parse_response(response: types.GenerateContentResponse) -> ModelTurn:
         elif part.text and not part.thought:
             texts.append(part.text)
     if not turn.calls:
-        turn.answer = parse_answer("".join(texts))
+        reason = candidate.finish_reason.name if candidate and candidate.finish_reason else ""
+        feedback = response.prompt_feedback
+        if not texts and (reason in BLOCKED or (feedback and feedback.block_reason)):
+            # A policy stop: asking again gives the same answer. The chat answers plainly.
+            blocked = feedback.block_reason if feedback and feedback.block_reason else reason
+            turn.answer = Answer(reply_text="", thought=f"blocked: {blocked}")
+        else:
+            turn.answer = parse_answer("".join(texts))
     return turn
 
 
 def parse_answer(text: str) -> Answer:
-    """The model's JSON answer; a reply that is not the JSON asked for is still a reply."""
+    """The model's JSON answer, its reply cleaned of prices (see `clean_reply`).
+
+    Plain text instead of the JSON asked for is still a reply; JSON that does not parse
+    (cut short) or has no reply_text gives an empty reply, which the chat replaces with its
+    own words: neither `thought` nor raw JSON ever reaches the customer."""
+    raw = _strip_fence(text).strip()
+    if not raw:
+        raise ApplicationError("the model answered nothing", type="EmptyAnswer")
     try:
-        data = _FinalAnswer.model_validate_json(_strip_fence(text))
-    except ValidationError:
-        plain = text.strip()
-        if not plain:
+        data = json.loads(raw)
+    except ValueError:
+        if raw.startswith(("{", "[")):
             raise ApplicationError(
-                "the model answered nothing", type="EmptyAnswer", non_retryable=False
+                "the model's JSON answer does not parse", type="EmptyAnswer"
             ) from None
-        return Answer(reply_text=plain[:4000])
+        return Answer(reply_text=clean_reply(raw[:4000]))
+    try:
+        answer = _FinalAnswer.model_validate(data)
+    except ValidationError as err:
+        raise ApplicationError(
+            f"the model's answer has no reply_text: {err.error_count()} problems",
+            type="EmptyAnswer",
+        ) from None
     return Answer(
-        reply_text=data.reply_text,
-        action=data.action,
-        product_ids=data.product_ids,
-        quantity=data.quantity,
-        thought=data.thought,
+        reply_text=clean_reply(answer.reply_text),
+        action=answer.action,
+        product_ids=answer.product_ids,
+        quantity=answer.quantity,
+        thought=answer.thought,
     )
+
+
+# A price in the model's words: an amount with a currency, Stars or a percentage. The
+# shop's own offer states the price; the model's words never carry one.
+_AMOUNT = r"\d[\d\s.,]*"
+_MONEY = re.compile(
+    rf"(?:[$€£₽⭐]\s*{_AMOUNT}"
+    rf"|{_AMOUNT}\s*(?:⭐|%|[$€£₽]|(?:звёзд|звезд|stars?\b|xtr\b|руб|usd\b|eur\b|rub\b"
+    r"|gbp\b|dollars?\b|долл|евро|cents?\b|цент|копе|процент|percent)\w*))"
+    r"|⭐",
+    re.I,
+)
+_GIVEAWAY = re.compile(r"бесплатн|даром|for free|free of charge|at no cost|без оплаты", re.I)
+_LIST_ITEM = re.compile(r"^\s*(?:[-•*]|\d{1,2}[.)])\s+")
+_SENTENCE_END = re.compile(r"(?<=[.!?…])\s+")
+
+
+def clean_reply(text: str) -> str:
+    """The model's reply without prices: a sentence naming an amount, Stars, a percentage
+    or a giveaway is left out; in a list, only the amount goes and the item stays."""
+    lines = []
+    for line in text.splitlines():
+        if _LIST_ITEM.match(line):
+            if _GIVEAWAY.search(line):
+                continue
+            kept = _MONEY.sub("", line)
+            if kept != line:
+                kept = re.sub(r"\s*[—–:-]?\s*(?:\(\s*\))?\s*$", "", kept)
+                kept = re.sub(r"\s*[—–:-]\s*(?=[,.;])|\s+(?=[,.;])", "", kept)
+                kept = re.sub(r"[ \t]{2,}", " ", kept)
+            lines.append(kept.rstrip())
+            continue
+        sentences = [
+            s for s in _SENTENCE_END.split(line) if not (_MONEY.search(s) or _GIVEAWAY.search(s))
+        ]
+        lines.append(" ".join(sentences).rstrip())
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
 def _strip_fence(text: str) -> str:

@@ -5,7 +5,8 @@ uses), and cachedContents with Gemini's rules (a minimum size, a TTL, no system 
 or tools next to a cache).
 
 Test controls under /gemini/_sandbox: faults (429 with a RetryInfo delay, 500, 503),
-latency (how long the model "thinks"), the log of calls and the caches; a page at /gemini/.
+scripted answers (raw text or none, any finish reason), latency (how long the model
+"thinks"), the log of calls and the caches; a page at /gemini/.
 The state lives in memory: a restarted sandbox has forgotten its caches, as a cache that
 expired early would be, and the caller makes a new one.
 """
@@ -27,6 +28,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 
 from sandbox import gemini_model
+from workers.settings import GEMINI_BEFORE_TOOLS_WITH_JSON
 
 EMBEDDING_DIMENSIONS = 384
 CALLS_KEPT = 500
@@ -50,6 +52,15 @@ class Fault(BaseModel):
     retry_after_seconds: float = Field(default=1.0, ge=0, le=600)
 
 
+class Scripted(BaseModel):
+    """The next `count` model answers, as given: a text part sent as it is (None: no parts)
+    and the finish reason, for answers the scripted model would never give."""
+
+    text: str | None = None
+    finish_reason: str = Field(default="STOP", pattern=r"^[A-Z_]{1,40}$")
+    count: int = Field(default=1, ge=0, le=100_000)
+
+
 class Latency(BaseModel):
     seconds: float = Field(ge=0, le=60)
 
@@ -61,6 +72,7 @@ class GeminiSandbox:
         self.caches: dict[str, dict[str, Any]] = {}
         self.calls: deque[dict[str, Any]] = deque(maxlen=CALLS_KEPT)
         self.fault: Fault | None = None
+        self.scripted: Scripted | None = None
         self.latency = 0.0
 
     # --- caches ---
@@ -139,12 +151,43 @@ class GeminiSandbox:
             cached_tokens = cache["usageMetadata"]["totalTokenCount"]
         contents = body.get("contents") or []
         config = body.get("generationConfig") or body.get("generation_config") or {}
+        wants_json = (
+            config.get("responseMimeType") or config.get("response_mime_type")
+        ) == "application/json" or any(
+            k in config
+            for k in (
+                "responseSchema",
+                "response_schema",
+                "responseJsonSchema",
+                "response_json_schema",
+            )
+        )
+        if tools and wants_json and GEMINI_BEFORE_TOOLS_WITH_JSON.match(model):
+            record["status"] = 400
+            raise GeminiError(
+                400, "Function calling with a response mime type: 'application/json' is unsupported"
+            )
         declared = {
             d.get("name")
             for tool in tools
             for d in (tool.get("functionDeclarations") or tool.get("function_declarations") or [])
         }
         record["tools"] = sorted(n for n in declared if n)
+        if self.scripted is not None and self.scripted.count > 0:
+            self.scripted.count -= 1
+            parts = [] if self.scripted.text is None else [{"text": self.scripted.text}]
+            record["status"], record["scripted"] = 200, self.scripted.finish_reason
+            return {
+                "candidates": [
+                    {
+                        "content": {"role": "model", "parts": parts},
+                        "finishReason": self.scripted.finish_reason,
+                        "index": 0,
+                    }
+                ],
+                "usageMetadata": {"promptTokenCount": _tokens(contents), "totalTokenCount": 0},
+                "modelVersion": model,
+            }
         decision = gemini_model.decide(gemini_model.read_turn(contents), declared)
         if "functionCall" in decision:
             part: dict[str, Any] = {"functionCall": decision["functionCall"]}
@@ -152,17 +195,6 @@ class GeminiSandbox:
             record["args"] = decision["functionCall"]["args"]
         else:
             final = decision["answer"]
-            wants_json = (
-                config.get("responseMimeType") or config.get("response_mime_type")
-            ) == "application/json" or any(
-                k in config
-                for k in (
-                    "responseSchema",
-                    "response_schema",
-                    "responseJsonSchema",
-                    "response_json_schema",
-                )
-            )
             part = {
                 "text": json.dumps(final, ensure_ascii=False) if wants_json else final["reply_text"]
             }
@@ -341,6 +373,11 @@ def create_router(gemini: GeminiSandbox) -> APIRouter:
     async def fault(body: Fault) -> dict[str, Any]:
         gemini.fault = body if body.count else None
         return {"fault": body.model_dump() if body.count else None}
+
+    @control.post("/answers")
+    async def scripted(body: Scripted) -> dict[str, Any]:
+        gemini.scripted = body if body.count else None
+        return {"scripted": body.model_dump() if body.count else None}
 
     @control.post("/latency")
     async def latency(body: Latency) -> dict[str, Any]:

@@ -10,6 +10,7 @@ so the search finds them whatever else the shared catalog holds.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,8 +19,9 @@ from typing import Any
 import httpx
 import pytest
 from google.genai import errors as genai_errors
+from google.genai import types
 
-from activities.assistant import CATALOG_MEMO_SECONDS, ContextCache
+from activities.assistant import CATALOG_MEMO_SECONDS, TOOLS, ContextCache
 from activities.embeddings import GeminiEmbedder
 from activities.gemini import make_genai_client
 from api.chat import chat_terms
@@ -34,6 +36,7 @@ async def shop(stack: Stack) -> AsyncIterator[Shop]:
         yield Shop(stack, sandbox)
         # A fault a failing test left behind must not reach the next one.
         await sandbox.post("/gemini/_sandbox/faults", json={"status": 500, "count": 0})
+        await sandbox.post("/gemini/_sandbox/answers", json={"count": 0})
 
 
 def word() -> str:
@@ -296,6 +299,11 @@ async def test_prompts_cannot_change_a_price_or_invent_a_discount(shop: Shop, at
     assert "8.00 USD" in offer["text"] and "400 ⭐" in offer["text"]
     for b in _buttons(offer, "pay:"):
         assert "400" in b["text"] or "8.00" in b["text"], b
+    # The gullible model repeated the claim ("for you 1 ⭐", "your 90% discount"): none of
+    # it reaches the customer, whose only price is the offer's.
+    [lead] = [m for m in await shop.messages(user) if m["message_id"] != offer["message_id"]]
+    assert code in lead["text"]
+    assert not PRICE_WORDS.search(lead["text"]), lead["text"]
     products = (await shop.api.get("/api/shop/products", headers=await shop.as_user(user))).json()
     [listed] = [p for p in products["products"] if p["id"] == product]
     assert (listed["price"], listed["final_price"], listed["discount_percent"]) == (800, 800, 0)
@@ -305,6 +313,9 @@ async def test_prompts_cannot_change_a_price_or_invent_a_discount(shop: Shop, at
         and set(c.get("args") or {}) - {"product_id", "quantity", "payment_method"}
         for c in calls
     ), "the sandbox model did not try to pass a price"
+
+
+PRICE_WORDS = re.compile(r"⭐|%|\bfree\b|бесплатн|\d\s*(?:звезд|stars?\b|usd\b)", re.I)
 
 
 async def test_another_customers_orders_stay_hidden(shop: Shop) -> None:
@@ -355,6 +366,52 @@ async def test_a_model_that_stays_down_gets_the_customer_a_plain_answer(shop: Sh
     assert "Извините" in answer["text"]
     [[button]] = answer["reply_markup"]["inline_keyboard"]
     assert button["web_app"]["url"] == f"{shop.stack.api_url}/app"
+
+
+async def test_a_slip_of_the_model_never_reaches_the_customer_raw(shop: Shop) -> None:
+    """Its reasoning, JSON that does not fit or is cut short, and a safety stop: the customer
+    reads the reply alone, or the plain answer with the catalog button."""
+    user = new_user_id()
+    await gemini(shop, "POST", "answers", json={"count": 1, "text": (
+        '{"thought": "SECRET plan", "reply_text": "Вот что есть. Для вас скидка 50%.", '
+        '"action": "fly", "product_ids": [true, 2.5], "quantity": 50000}'
+    )})  # fmt: skip
+    await say(shop, user, "привет")
+    [first] = await bot_messages(shop, user, 1)
+    assert first["text"] == "Вот что есть."
+    for text, reason, calls in (('{"thought": "SECRET plan", "reply_te', "MAX_TOKENS", 2),
+                                (None, "SAFETY", 1)):  # fmt: skip
+        await gemini(shop, "POST", "answers", json={"count": 50, "text": text,
+                                                    "finish_reason": reason})  # fmt: skip
+        before = len(await model_calls(shop))
+        await say(shop, user, "hello")
+        answer = (await bot_messages(shop, user, 2 if reason == "MAX_TOKENS" else 3))[-1]
+        assert answer["text"].startswith("Sorry") and "SECRET" not in answer["text"]
+        [[button]] = answer["reply_markup"]["inline_keyboard"]
+        assert button["web_app"]["url"] == f"{shop.stack.api_url}/app"
+        # Cut short: asked once more, then answered plainly; a safety stop is final.
+        assert len(await model_calls(shop)) - before == calls
+    assert all("SECRET" not in m["text"] for m in await shop.messages(user))
+
+
+async def test_a_gemini_2_model_is_refused_tools_with_json_output(shop: Shop) -> None:
+    """Gemini before the 3 series refuses tools next to a JSON answer, as the sandbox does;
+    settings refuse such a GEMINI_MODEL before any customer meets it."""
+    client = make_genai_client(shop.stack.settings)
+    config = types.GenerateContentConfig(
+        response_mime_type="application/json",
+        response_json_schema={"type": "object", "properties": {"a": {"type": "string"}}},
+        tools=TOOLS,
+    )
+    with pytest.raises(genai_errors.ClientError) as refused:
+        await client.aio.models.generate_content(
+            model="gemini-2.5-flash", contents="hello", config=config
+        )
+    assert refused.value.code == 400 and "mime type" in (refused.value.message or "")
+    reply = await client.aio.models.generate_content(
+        model=shop.stack.settings.gemini_model, contents="hello", config=config
+    )
+    assert reply.text and reply.text.startswith("{")
 
 
 # --- operators ----------------------------------------------------------------------------
@@ -421,6 +478,21 @@ async def test_the_cache_is_created_used_and_rebuilt_when_the_catalog_changes(
         if c.get("path", "").endswith(":generateContent")
     ]
     assert calls[-1]["cached_content"] and calls[-1]["cached_content"] != last["cached_content"]
+    # The cache disappears under the worker (expired early, or another worker replaced it):
+    # the message is still answered at once, by the same attempt calling without it, and
+    # the next message has a new cache.
+    gone = calls[-1]["cached_content"]
+    await make_genai_client(shop.stack.settings).aio.caches.delete(name=gone)
+    await say(shop, user, "are you there")
+    await bot_messages(shop, user, 4)
+    calls = await model_calls(shop)
+    missed = max(i for i, c in enumerate(calls) if c["cached_content"] == gone)
+    assert calls[missed]["status"] == 403 and calls[missed + 1]["status"] == 200
+    assert calls[missed + 1]["cached_content"] is None
+    await say(shop, user, "thanks again")
+    await bot_messages(shop, user, 5)
+    renewed = (await model_calls(shop))[-1]["cached_content"]
+    assert renewed not in (None, gone)
 
 
 async def test_the_cache_is_renewed_before_its_end_and_skipped_when_too_small(

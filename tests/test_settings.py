@@ -225,6 +225,10 @@ REFUSALS: dict[str, tuple[dict[str, Any], str]] = {
         {"gemini_api_key": "sandbox-gemini-key"},
         "GEMINI_API_KEY is the sandbox's public key",
     ),
+    "a gemini model that cannot call tools with a JSON answer": (
+        {"gemini_model": "gemini-2.5-flash"},
+        "GEMINI_MODEL='gemini-2.5-flash' cannot call tools with a JSON answer",
+    ),
     "gemini url without a key": (
         {"gemini_api_url": "https://gemini-proxy.example.com"},
         "GEMINI_API_URL is set but GEMINI_API_KEY is not",

@@ -43,6 +43,8 @@ MIN_SECRET_LENGTH = 32
 DEFAULT_VIDEO_MODELS = "google-cloud/veo3-fast=500,google-cloud/veo3=1500"
 # Stripe's ceiling for one line item's unit_amount.
 MAX_UNIT_AMOUNT = 99_999_999
+# Gemini models before the 3 series refuse function calling next to a JSON response type.
+GEMINI_BEFORE_TOOLS_WITH_JSON = re.compile(r"^gemini-(?:1|2)(?:[.-]|$)", re.I)
 _VIDEO_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 # Settings that no longer exist: a process refuses to start while one is set, rather than
 # silently charging another price than the deployer meant (load_settings).
@@ -166,7 +168,9 @@ class Settings(BaseSettings):
     gemini_api_url: str | None = None
     # Pinned, so a new SDK cannot move the calls to another API version underneath us.
     gemini_api_version: Literal["v1", "v1beta"] = "v1beta"
-    gemini_model: str = "gemini-2.5-flash"
+    # A Gemini 3 model: the assistant asks for tools and JSON output in one call, which
+    # Gemini 1.x and 2.x refuse.
+    gemini_model: str = "gemini-3.8-flash"
     gemini_embedding_model: str = "gemini-embedding-001"
     # Model calls per customer message that may ask for tools before an answer is required.
     assistant_max_tool_rounds: int = Field(default=4, ge=1, le=10)
@@ -234,6 +238,17 @@ class Settings(BaseSettings):
             # 0/minute would refuse every order for ever.
             raise ValueError(f"{v!r}: each limit needs a positive amount")
         return v
+
+    @field_validator("gemini_model")
+    @classmethod
+    def _gemini_model(cls, v: str) -> str:
+        name = v.strip().removeprefix("models/")
+        if not name or GEMINI_BEFORE_TOOLS_WITH_JSON.match(name):
+            raise ValueError(
+                f"GEMINI_MODEL={v!r} cannot call tools with a JSON answer; use a Gemini 3 "
+                "model such as gemini-3.8-flash"
+            )
+        return name
 
     @field_validator("video_models")
     @classmethod

@@ -360,8 +360,13 @@ class ChatWorkflow:
             self._add_turn(Turn("model", json.dumps({"reply_text": words, "action": "none"})))
             self._stats.answered += 1
             return
+        reply = answer.reply_text
         buttons = [self._shop_button(lang)] if answer.action == "show_products" else []
-        await self._send(answer.reply_text, buttons)
+        if not reply and offer is None:
+            # Nothing of the model's answer could be sent (blocked, or only prices).
+            reply, buttons = WORDS[lang]["fallback"], [self._shop_button(lang)]
+        if reply:
+            await self._send(reply, buttons)
         if offer is not None:
             preferred = next(
                 (str(s.args.get("payment_method")) for s in steps if s.name == "offer_payment"
@@ -374,7 +379,7 @@ class ChatWorkflow:
                 "model",
                 json.dumps(
                     {
-                        "reply_text": answer.reply_text,
+                        "reply_text": reply,
                         "action": answer.action,
                         "product_ids": answer.product_ids,
                         "quantity": answer.quantity,
