@@ -2,12 +2,15 @@
 go to the `search_products` SQL function, which fuses full text, trigrams and pgvector.
 
 Before each search, products whose text changed since they were embedded (or that another
-model embedded) are embedded again, a bounded batch at a time, so an edit to the catalog is
-searchable by meaning at the next question.
+model embedded) are embedded again, a bounded batch at a time and within a time budget, so
+an edit to the catalog is searchable by meaning at the next question. Neither that nor the
+query's own embedding may hold up a customer: each has a budget of its own, well inside the
+tool's timeout, past which the search goes on by words alone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -19,6 +22,10 @@ log = logging.getLogger(__name__)
 REFRESH_BATCH = 32
 # Products embedded before one search at most; the next search goes on with the rest.
 REFRESH_AT_MOST = 512
+# Time a search gives the catalog's embedding (what is stored stays; the next search goes
+# on), and the query's own embedding.
+REFRESH_BUDGET_SECONDS = 4.0
+QUERY_EMBED_SECONDS = 5.0
 
 
 class CatalogSearch:
@@ -64,12 +71,17 @@ class CatalogSearch:
         vector = None
         if by_meaning:
             try:
-                await self.refresh()
-                [vector] = await self._embedder.embed_queries([query])
+                async with asyncio.timeout(REFRESH_BUDGET_SECONDS):
+                    await self.refresh()
+            except Exception as err:  # a product that fails to embed never stops a search
+                log.warning("embedding the catalog deferred: %r", err)
+            try:
+                async with asyncio.timeout(QUERY_EMBED_SECONDS):
+                    [vector] = await self._embedder.embed_queries([query])
             except Exception as err:
                 # The words still find most things: a customer gets an answer now rather
                 # than a search that waits for the embedding model to come back.
-                log.warning("searching by words alone: embedding failed: %s", err)
+                log.warning("searching by words alone: embedding failed: %r", err)
                 vector = None
         return await self._db.rpc(
             "search_products",
