@@ -37,6 +37,7 @@ async def shop(stack: Stack) -> AsyncIterator[Shop]:
         # A fault a failing test left behind must not reach the next one.
         await sandbox.post("/gemini/_sandbox/faults", json={"status": 500, "count": 0})
         await sandbox.post("/gemini/_sandbox/answers", json={"count": 0})
+        await sandbox.post("/gemini/_sandbox/latency", json={"seconds": 0})
 
 
 def word() -> str:
@@ -444,6 +445,42 @@ async def test_operator_handoff_and_back(shop: Shop) -> None:
     await bot_messages(shop, user, before + 1)
     bad = await shop.stack.admin("POST", f"/chats/{user}/reply", json={"text": ""})
     assert bad.status_code == 422 and bad.json()["error"] == "invalid_request"
+
+
+async def test_an_operator_who_takes_over_mid_answer_is_not_talked_over(shop: Shop) -> None:
+    operators = shop.stack.settings.operator_chat_id
+    user = new_user_id()
+    await gemini(shop, "POST", "latency", json={"seconds": 2})
+    await say(shop, user, "hello")
+    await asyncio.sleep(1)
+    resp = await shop.stack.admin("POST", f"/chats/{user}/assistant", json={"enabled": False})
+    assert resp.status_code == 200 and resp.json()["assistant_enabled"] is False
+    # The model's answer came after the operator took the chat: it goes to the operators'
+    # side, never to the customer.
+    await shop.wait_message(operators, f"Chat {user} (Ann): hello")
+    await asyncio.sleep(0.5)
+    assert await shop.messages(user) == []
+
+
+async def test_a_flood_of_messages_is_bounded_and_the_chat_keeps_answering(shop: Shop) -> None:
+    user = new_user_id()
+    await gemini(shop, "POST", "latency", json={"seconds": 0.2})
+    await asyncio.gather(*(say(shop, user, f"hello {i} " + "x" * 3000) for i in range(30)))
+    handle = shop.stack.client.get_workflow_handle_for(ChatWorkflow.run, workflow_id(user))
+    for _ in range(200):
+        view = await handle.query(ChatWorkflow.view)
+        if view.pending == 0:
+            break
+        assert view.pending <= 20
+        await asyncio.sleep(0.2)
+    answered = len(await shop.messages(user))
+    # At most the 20 waiting and the few picked up while the flood came in were answered.
+    assert 20 <= answered < 30, answered
+    # Only the first 2000 characters of a message are kept.
+    assert all(len(t.text) <= 2000 for t in view.transcript if t.role == "user")
+    await gemini(shop, "POST", "latency", json={"seconds": 0})
+    await say(shop, user, "thanks")
+    await bot_messages(shop, user, answered + 1)
 
 
 # --- the context cache --------------------------------------------------------------------

@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
@@ -60,6 +60,14 @@ REPLIES_KEPT = 100
 MAX_HISTORY_BYTES = 2 * 1024 * 1024
 # What the model reads of one message (Telegram allows 4096 characters).
 MAX_MESSAGE_CHARS = 2000
+# Messages waiting for an answer at most; a flood past it is dropped (each update still
+# counts as seen), so a chat's state stays far inside Temporal's payload limit.
+MAX_PENDING = 20
+# Tool calls of one model turn that run; the rest are answered "too many" unrun.
+MAX_CALLS_PER_TURN = 5
+# Changes of the commands a chat issues, for the runs that started before them.
+BOUNDED_CALLS = "bounded-calls-per-turn"
+RECHECK_ASSISTANT = "assistant-off-mid-answer"
 # Messages answered after continue-as-new fell due, before the rest are carried over.
 DRAIN_AT_MOST = 5
 # A chat with the assistant on and nothing to say for this long ends; the next message
@@ -77,8 +85,9 @@ TOOL_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=5),
 )
 TOOL_PATIENCE = timedelta(seconds=30)
-# Placing an offer: stock claimed and the order row written by the purchase workflow.
-OFFER_PATIENCE = timedelta(minutes=2)
+# Placing an offer: stock claimed and the order row written by the purchase workflow
+# (which gives its database call two minutes), and its signal back.
+OFFER_PATIENCE = timedelta(minutes=3)
 SEND_PATIENCE = timedelta(minutes=30)
 
 _CYRILLIC = re.compile(r"[\u0400-\u04ff]")
@@ -219,6 +228,13 @@ class ChatWorkflow:
         if msg.update_id in self._seen_set:
             return  # Telegram delivered this update again: it acts once
         self._remember(msg.update_id)
+        if len(self._pending) >= MAX_PENDING:
+            workflow.logger.warning(
+                "chat %s: %s messages wait already; update %s dropped",
+                self._in.chat_id, len(self._pending), msg.update_id,
+            )  # fmt: skip
+            return
+        msg = replace(msg, text=msg.text.strip()[:MAX_MESSAGE_CHARS])
         # In update-id order: two webhook requests may signal out of order.
         at = len(self._pending)
         while at > 0 and self._pending[at - 1].update_id > msg.update_id:
@@ -347,10 +363,21 @@ class ChatWorkflow:
                 steps.append(
                     Step("model", name=call.name, args=call.args, signature=call.signature)
                 )
-            for call in turn.calls:
-                result, placed = await self._tool(call.name, call.args, msg, offer)
+            bounded = len(turn.calls) > MAX_CALLS_PER_TURN and workflow.patched(BOUNDED_CALLS)
+            for i, call in enumerate(turn.calls):
+                if bounded and i >= MAX_CALLS_PER_TURN:
+                    result, placed = {
+                        "error": "too_many_calls",
+                        "detail": f"At most {MAX_CALLS_PER_TURN} tool calls run per turn.",
+                    }, None
+                else:
+                    result, placed = await self._tool(call.name, call.args, msg, offer)
                 offer = offer or placed
                 steps.append(Step("tool", name=call.name, result=result))
+        if not self._enabled and workflow.patched(RECHECK_ASSISTANT):
+            # An operator took the chat while the model was thinking: the operator answers.
+            await self._tell_operators(f"Chat {self._in.chat_id} ({msg.first_name}): {text}")
+            return
         if answer is None:
             self._stats.fallbacks += 1
             words = WORDS[lang]["tools_exhausted" if exhausted else "fallback"]
@@ -428,6 +455,11 @@ class ChatWorkflow:
                 return {
                     "error": "offer_exists",
                     "detail": "One offer per message: the customer has it already.",
+                }, None
+            if any(view is None for view in self._placed.values()):
+                return {
+                    "error": "offer_pending",
+                    "detail": "An offer is still being placed; ask the customer to wait.",
                 }, None
             return await self._offer(args, msg)
         method: Callable = {
@@ -509,7 +541,11 @@ class ChatWorkflow:
             hours = _hours_between(view.created_at, view.fulfillment_deadline)
             lines.append(w["offer_prepaid"].format(hours=hours))
         elif view.reserved_until:
-            until = datetime.fromisoformat(view.reserved_until).strftime("%H:%M UTC")
+            until = (
+                datetime.fromisoformat(view.reserved_until)
+                .astimezone(UTC)
+                .strftime("%Y-%m-%d %H:%M UTC")
+            )
             lines.append(w["offer_instant"].format(until=until))
         buttons = {
             "stars": Button(

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api import chat, shop
 from api.deps import AdminDep, SettingsDep, TemporalClientDep
+from api.errors import ApiError
 from workflows.chat import OperatorReply
 
 router = APIRouter(prefix="/api/admin/chats", tags=["admin"])
@@ -43,9 +44,15 @@ async def reply(
 ) -> dict[str, Any]:
     shop.require_shop(settings)
     reply_id = body.reply_id or str(uuid.uuid4())
-    outcome = await chat.operator_reply(
-        temporal, settings, chat_id, OperatorReply(reply_id=reply_id, text=body.text)
-    )
+    try:
+        outcome = await chat.operator_reply(
+            temporal, settings, chat_id, OperatorReply(reply_id=reply_id, text=body.text)
+        )
+    except ApiError as err:
+        if err.status != 503 or body.reply_id:
+            raise
+        # The reply may still go out: a retry with this id sends it once.
+        raise ApiError(503, err.error, f"{err.detail} with reply_id {reply_id!r}") from err
     return {"chat_id": chat_id, "reply_id": reply_id, "delivery": outcome}
 
 
