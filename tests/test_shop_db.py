@@ -648,6 +648,21 @@ async def test_paying_from_the_balance(shop: Shop) -> None:
     await shop.refused("order_not_found", "pay_order_from_balance", p_order_id=new_order_id())
     assert await shop.ledger_sum(user) == 800
 
+    # A debited order never ends failed or expired with the money kept: only a refund
+    # (or delivery) ends it.
+    await shop.call("add_to_user_balance", p_telegram_id=user, p_amount=400,
+                    p_reason="top-up", p_idempotency_key=uuid.uuid4().hex)  # fmt: skip
+    kept = await shop.order(product, user=user, method="balance")
+    await shop.call("pay_order_from_balance", p_order_id=kept["order_id"])
+    await shop.refused("wrong_state", "expire_order", p_order_id=kept["order_id"])
+    await shop.refused(
+        "wrong_state", "set_order_status",
+        p_order_id=kept["order_id"], p_status="failed", p_reason="lost answer",
+    )  # fmt: skip
+    back = await shop.call("process_refund", p_order_id=kept["order_id"], p_reason="lost answer")
+    assert back["credited"] and back["order"]["status"] == "refunded"
+    assert await shop.ledger_sum(user) == 1200
+
 
 async def test_a_recorded_late_payment_is_refunded_once(shop: Shop) -> None:
     product = await shop.product(price=900, stock=1)

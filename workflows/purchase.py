@@ -92,6 +92,7 @@ FULFIL_PATIENCE = timedelta(minutes=1)
 
 # Runs that began before these rules replay without them (workflow.patched).
 EXTEND_ON_APPROVAL = "extend-reservation-on-approval"
+GIVE_BACK_UNSURE_DEBIT = "give-back-unsure-balance-debit"
 
 # What the customer reads, by stable code.
 CUSTOMER_WORDS = {
@@ -574,12 +575,46 @@ class PurchaseWorkflow:
             code = _code(err, "payment_unavailable")
             if code != "insufficient_balance":
                 code = "payment_unavailable"
+            refused = isinstance(err.cause, ApplicationError) and err.cause.non_retryable
+            if (
+                self._view.payment_method == "balance"
+                and not refused
+                and workflow.patched(GIVE_BACK_UNSURE_DEBIT)
+            ):
+                # The debit's answer was lost, not refused: it may have committed. The order
+                # ends refunded if it did (process_refund refuses an order never debited).
+                if await self._give_back_unsure_debit(_cause(err)):
+                    self._refuse(code, _cause(err))
+                    return False
             with contextlib.suppress(ActivityError):  # a lapsed reservation frees itself
                 await self._db(ShopActivities.release_reservation, o.order_id)
             await self._set_status("failed", code, _cause(err))
             self._refuse(code, _cause(err))
             return False
         self._placed = True
+        self._index_status()
+        return True
+
+    async def _give_back_unsure_debit(self, why: str) -> bool:
+        """True once the order is refunded to the balance or needs an operator; False when
+        nothing was debited (the order can simply fail)."""
+        try:
+            order = await self._db(
+                ShopActivities.refund_to_balance,
+                StatusChange(self._in.order_id, "refunded", "payment_unavailable"),
+            )
+        except ActivityError as err:
+            if _code(err, "") == "not_paid":
+                return False
+            await self._set_status(
+                NEEDS_ATTENTION, "payment_unavailable",
+                f"a balance debit may have been made ({why}) and refunding it failed: "
+                f"{_cause(err)}",
+            )  # fmt: skip
+            return True
+        self._take(order)
+        self._view.error_code = "payment_unavailable"
+        self._view.error = CUSTOMER_WORDS.get("payment_unavailable")
         self._index_status()
         return True
 
