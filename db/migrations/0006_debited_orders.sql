@@ -20,3 +20,5 @@ END $$;
 DROP TRIGGER IF EXISTS orders_keep_debited ON orders;
 CREATE TRIGGER orders_keep_debited BEFORE UPDATE OF status ON orders
     FOR EACH ROW EXECUTE FUNCTION shop_internal.keep_debited_orders();
+
+CALL shop_internal.service_role_only(ARRAY['FUNCTION shop_internal.keep_debited_orders()']);
