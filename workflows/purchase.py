@@ -93,6 +93,10 @@ FULFIL_PATIENCE = timedelta(minutes=1)
 # Runs that began before these rules replay without them (workflow.patched).
 EXTEND_ON_APPROVAL = "extend-reservation-on-approval"
 GIVE_BACK_UNSURE_DEBIT = "give-back-unsure-balance-debit"
+DEBIT_RETURNED = (
+    "We could not confirm the payment from your balance, so the amount went back to your "
+    "balance. Please try again."
+)
 
 # What the customer reads, by stable code.
 CUSTOMER_WORDS = {
@@ -584,8 +588,7 @@ class PurchaseWorkflow:
                 # The debit's answer was lost, not refused: it may have committed. The order
                 # ends refunded if it did (process_refund refuses an order never debited).
                 if await self._give_back_unsure_debit(_cause(err)):
-                    self._refuse(code, _cause(err))
-                    return False
+                    return False  # refunded or needs_attention, as the view says
             with contextlib.suppress(ActivityError):  # a lapsed reservation frees itself
                 await self._db(ShopActivities.release_reservation, o.order_id)
             await self._set_status("failed", code, _cause(err))
@@ -614,7 +617,7 @@ class PurchaseWorkflow:
             return True
         self._take(order)
         self._view.error_code = "payment_unavailable"
-        self._view.error = CUSTOMER_WORDS.get("payment_unavailable")
+        self._view.error = DEBIT_RETURNED
         self._index_status()
         return True
 
