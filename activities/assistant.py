@@ -53,6 +53,8 @@ MAX_ORDERS_SHOWN = 10
 RENEW_SHARE = 0.2
 CACHE_PREFIX = "orderflow-assistant-"
 MAX_ANSWER_IDS = 10
+# The largest id the model may name: JSON numbers are exact up to here.
+MAX_ID = 2**53
 # After the cache API failed, calls carry the prefix themselves for this long.
 CACHE_BACKOFF_SECONDS = 60.0
 # An empty or malformed answer is asked for again this many times, then the customer gets
@@ -150,7 +152,7 @@ class SearchArgs(_Args):
 
 
 class AvailabilityArgs(_Args):
-    product_id: Number = Field(ge=1, le=2**53)
+    product_id: Number = Field(ge=1, le=MAX_ID)
     quantity: Number = Field(default=1, ge=1, le=1000)
 
 
@@ -159,7 +161,7 @@ class NoArgs(_Args):
 
 
 class OfferArgs(_Args):
-    product_id: Number = Field(ge=1, le=2**53)
+    product_id: Number = Field(ge=1, le=MAX_ID)
     quantity: Number = Field(default=1, ge=1, le=1000)
     payment_method: Literal["stars", "stripe", "balance", "any"] = "any"
 
@@ -200,7 +202,7 @@ def _whole(value: Any) -> int | None:
     """A JSON number that is a whole number (Gemini writes 2 or 2.0), else None."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    if isinstance(value, float) and not (value.is_integer() and abs(value) <= 2**53):
+    if isinstance(value, float) and not (value.is_integer() and abs(value) <= MAX_ID):
         return None
     return int(value)
 
@@ -208,7 +210,7 @@ def _whole(value: Any) -> int | None:
 def _ids(value: Any) -> Any:
     if not isinstance(value, list):
         return []
-    ids = [n for n in map(_whole, value) if n is not None and 1 <= n <= 2**53]
+    ids = [n for n in map(_whole, value) if n is not None and 1 <= n <= MAX_ID]
     return ids[:MAX_ANSWER_IDS]
 
 
@@ -720,9 +722,11 @@ def parse_response(response: types.GenerateContentResponse) -> ModelTurn:
     if not turn.calls:
         reason = candidate.finish_reason.name if candidate and candidate.finish_reason else ""
         feedback = response.prompt_feedback
-        if not texts and (reason in BLOCKED or (feedback and feedback.block_reason)):
+        blocked = (feedback.block_reason if feedback else None) or (
+            reason if reason in BLOCKED else None
+        )
+        if not texts and blocked:
             # A policy stop: asking again gives the same answer. The chat answers plainly.
-            blocked = feedback.block_reason if feedback and feedback.block_reason else reason
             turn.answer = Answer(reply_text="", thought=f"blocked: {blocked}")
         else:
             turn.answer = parse_answer("".join(texts))

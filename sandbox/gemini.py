@@ -173,36 +173,27 @@ class GeminiSandbox:
             for d in (tool.get("functionDeclarations") or tool.get("function_declarations") or [])
         }
         record["tools"] = sorted(n for n in declared if n)
+        finish = "STOP"
+        parts: list[dict[str, Any]]
         if self.scripted is not None and self.scripted.count > 0:
             self.scripted.count -= 1
             parts = [] if self.scripted.text is None else [{"text": self.scripted.text}]
-            record["status"], record["scripted"] = 200, self.scripted.finish_reason
-            return {
-                "candidates": [
-                    {
-                        "content": {"role": "model", "parts": parts},
-                        "finishReason": self.scripted.finish_reason,
-                        "index": 0,
-                    }
-                ],
-                "usageMetadata": {"promptTokenCount": _tokens(contents), "totalTokenCount": 0},
-                "modelVersion": model,
-            }
-        decision = gemini_model.decide(gemini_model.read_turn(contents), declared)
-        if "functionCall" in decision:
-            part: dict[str, Any] = {"functionCall": decision["functionCall"]}
+            finish = record["scripted"] = self.scripted.finish_reason
+        elif "functionCall" in (
+            decision := gemini_model.decide(gemini_model.read_turn(contents), declared)
+        ):
+            parts = [{"functionCall": decision["functionCall"]}]
             record["function"] = decision["functionCall"]["name"]
             record["args"] = decision["functionCall"]["args"]
         else:
             final = decision["answer"]
-            part = {
-                "text": json.dumps(final, ensure_ascii=False) if wants_json else final["reply_text"]
-            }
+            text = json.dumps(final, ensure_ascii=False) if wants_json else final["reply_text"]
+            parts = [{"text": text}]
             record["final"] = final
         prompt = cached_tokens + _tokens(
             None if cache_name else system, None if cache_name else tools, contents
         )
-        output = _tokens(part)
+        output = _tokens(*parts)
         usage: dict[str, Any] = {
             "promptTokenCount": prompt,
             "candidatesTokenCount": output,
@@ -214,7 +205,7 @@ class GeminiSandbox:
         record["status"] = 200
         return {
             "candidates": [
-                {"content": {"role": "model", "parts": [part]}, "finishReason": "STOP", "index": 0}
+                {"content": {"role": "model", "parts": parts}, "finishReason": finish, "index": 0}
             ],
             "usageMetadata": usage,
             "modelVersion": model,

@@ -333,13 +333,7 @@ class PurchaseWorkflow:
             try:
                 view.reserved_until = await workflow.execute_activity_method(
                     ShopActivities.reserve_again,
-                    Reservation(
-                        view.order_id,
-                        view.product_id,
-                        view.quantity,
-                        self._in.precheckout_grace_seconds,
-                        view.amount,
-                    ),
+                    self._reservation(self._in.precheckout_grace_seconds),
                     start_to_close_timeout=timedelta(seconds=3),
                     schedule_to_close_timeout=timedelta(seconds=4),
                     retry_policy=SERVICE_RETRY,
@@ -776,23 +770,20 @@ class PurchaseWorkflow:
     async def _reserve_again(self) -> str | None:
         """Units again for a payment that outlived its reservation, at the price it paid:
         None when held, else why not (the code of the customer's words)."""
-        view = self._view
         try:
             until = await self._db(
-                ShopActivities.reserve_again,
-                Reservation(
-                    view.order_id,
-                    view.product_id,
-                    view.quantity,
-                    self._in.reservation_ttl_seconds,
-                    view.amount,
-                ),
+                ShopActivities.reserve_again, self._reservation(self._in.reservation_ttl_seconds)
             )
         except ActivityError as err:
             self._problem(f"reserving again for a late payment: {_cause(err)}")
             return "price_changed_late" if _code(err, "") == "price_changed" else "sold_out_late"
-        view.reserved_until = until
+        self._view.reserved_until = until
         return None
+
+    def _reservation(self, ttl_seconds: int) -> Reservation:
+        """This order's units held again for `ttl_seconds`, at the price it was ordered at."""
+        v = self._view
+        return Reservation(v.order_id, v.product_id, v.quantity, ttl_seconds, v.amount)
 
     async def _complete(self, payment: Payment) -> None:
         record = PaymentRecord(self._in.order_id, payment.method, payment.reference)
